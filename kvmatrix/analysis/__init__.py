@@ -1,0 +1,1 @@
+"""Report and figures from result cells: ``python -m kvmatrix.analysis.report DIR``."""

@@ -1,0 +1,154 @@
+"""Host-side entry point: ``python -m kvmatrix.matrix {build,run}``.
+
+``run`` prepares everything a set of phases needs (llama.cpp source and
+build, the generated model, the runner venv), validates every cell's spec
+BEFORE running any, then runs the cells in the host runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+from pathlib import Path
+
+from kvmatrix.matrix import cells as cellmod
+from kvmatrix.matrix import host, llamacpp
+from kvmatrix.matrix.console import UserError, fail, run_main, say
+from kvmatrix.runners.spec import DEFAULT_CONFIGS, ABConfig, CellSpec, ExperimentSpec, RuntimeSpec, SpecError
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--llama-source", default=None, help=f"llama.cpp source: {llamacpp.DEFAULT_SOURCE} (default) or a directory")
+    p.add_argument("--cuda", choices=["auto", "on", "off"], default="auto", help="CUDA build (default: auto-detect nvcc + GPU)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvmatrix", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build llama.cpp (server + shared library) and the bindings venv")
+    add_common(b)
+    r = sub.add_parser("run", help="run phases in the host runtime")
+    add_common(r)
+    r.add_argument("--phases", default="3a,3b", help="comma-separated phases: 3a (llama-server), 3b (llama-cpp-python)")
+    r.add_argument("--config", action="append", default=[], metavar="A/B",
+                   help="A/B context sizes in tokens, repeatable (default: 512/256 384/384 256/512)")
+    r.add_argument("--trials", type=int, default=10, help="measured trials per condition (default 10)")
+    r.add_argument("--warmup-trials", type=int, default=1, help="discarded warm-up trials per condition (default 1)")
+    r.add_argument("--settle-ms", type=int, default=500, help="pause after each warm-up request (default 500)")
+    r.add_argument("--max-output-tokens", type=int, default=50, help="tokens of the throughput run (default 50)")
+    r.add_argument("--query-tokens", type=int, default=16, help="tokens of the question Q (default 16)")
+    r.add_argument("--model", default="tiny", help="model preset (tiny, gpt2-small, llama-1b) or a path to an HF dir / .gguf")
+    r.add_argument("--quant", choices=["f16", "q8_0"], default="f16", help="GGUF file of the generated model (default f16)")
+    r.add_argument("--out", default=None, help="results folder (default results/<run-name>)")
+    r.add_argument("--run-name", default=None, help="run name (default: a timestamp)")
+    r.add_argument("--resume", action="store_true", help="skip cells that already have an ok result in --out")
+    r.add_argument("--n-ctx", type=int, default=2048)
+    r.add_argument("--n-batch", type=int, default=2048)
+    r.add_argument("--n-ubatch", type=int, default=512)
+    r.add_argument("--flash-attn", choices=["on", "off"], default="off")
+    r.add_argument("--cache-ram", type=int, default=0, help="llama-server --cache-ram MiB (default 0 = off)")
+    r.add_argument("--threads", type=int, default=None, help="CPU threads for generation and batch (default: all cores)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.cmd == "build":
+        source = llamacpp.ensure_source(args.llama_source)
+        build = llamacpp.ensure_build(source, args.cuda)
+        py = llamacpp.ensure_bindings_env(source)
+        print(json.dumps({**build.provenance(), "runner_python": str(py)}, indent=1))
+        return 0
+    return run(args)
+
+
+def _configs(args) -> list[ABConfig]:
+    try:
+        return [ABConfig.parse(c, args.query_tokens) for c in args.config] or [
+            ABConfig(c.a, c.b, args.query_tokens) for c in DEFAULT_CONFIGS]
+    except SpecError as exc:
+        raise UserError(str(exc)) from None
+
+
+def run(args) -> int:
+    phases = cellmod.parse_phases(args.phases)
+    configs = _configs(args)
+    threads = args.threads or os.cpu_count() or 1
+    runtime = RuntimeSpec(
+        n_ctx=args.n_ctx, n_batch=args.n_batch, n_ubatch=args.n_ubatch,
+        flash_attn=args.flash_attn == "on", cache_ram_mib=args.cache_ram,
+        n_threads=threads, n_threads_batch=threads,
+    )
+    experiments = {c.label: ExperimentSpec(config=c, num_trials=args.trials, warmup_trials=args.warmup_trials,
+                                           settle_ms=args.settle_ms, max_output_tokens=args.max_output_tokens)
+                   for c in configs}
+    try:  # refuse bad settings before building or running anything
+        runtime.validate()
+        for exp in experiments.values():
+            exp.validate(runtime)
+    except SpecError as exc:
+        raise UserError(str(exc)) from None
+    _check_model_arg(args.model)
+
+    run_name = args.run_name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    out_dir = Path(args.out or Path("results") / run_name).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    source = llamacpp.ensure_source(args.llama_source)
+    build = llamacpp.ensure_build(source, args.cuda)
+    if build.cuda:
+        runtime = RuntimeSpec(**{**runtime.to_dict(), "n_gpu_layers": -1})
+    from kvmatrix.models.store import ensure_model  # noqa: PLC0415
+
+    model = ensure_model(args.model, source.path, source.commit)
+    gguf = model.gguf_q8_0 if args.quant == "q8_0" else model.gguf_f16
+    if gguf is None:
+        fail(f"model {args.model} has no {args.quant} GGUF; use --quant f16")
+    model_doc = {"name": model.name, "gguf": str(gguf), "quant": args.quant, "params": model.params,
+                 "sha256": (model.manifest.get("sha256") or {}).get(Path(gguf).name),
+                 "hf_dir": str(model.hf_dir) if model.hf_dir else None}
+    py = llamacpp.ensure_bindings_env(source)
+    launch = host.Launch(python=py, env=llamacpp.engine_env(build))
+    provenance = {**build.provenance(), "runtime_kind": "host", "host": _host_facts(),
+                  "model_manifest": {k: model.manifest.get(k) for k in ("preset", "generator_version", "llama_cpp_commit")}}
+
+    plan = []
+    for cell in cellmod.expand(phases, configs):
+        spec = CellSpec(
+            cell_id=cell.cell_id, run=run_name, phase=cell.phase, backend=cell.backend, model=model_doc,
+            runtime=runtime, experiment=experiments[cell.config.label], out_dir=str(out_dir),
+            engine={"server": str(build.server), "variant": cell.variant, "label": cell.label},
+            provenance=provenance,
+        )
+        plan.append((cell, spec, launch))
+    say(f"{len(plan)} cells -> {out_dir}")
+    docs = host.run_cells(plan, out_dir, args.resume)
+    failed = [d["cell_id"] for d in docs if d.get("status") != "ok"]
+    say(f"done: {len(docs) - len(failed)} ok, {len(failed)} failed; results in {out_dir}")
+    if failed:
+        say("failed cells: " + ", ".join(failed) + " (rerun with --resume to retry only these)")
+        return 1
+    return 0
+
+
+def _check_model_arg(model: str) -> None:
+    from kvmatrix.models.presets import PRESETS  # noqa: PLC0415
+
+    if model in PRESETS:
+        return
+    path = Path(model).expanduser()
+    if not path.exists():
+        fail(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path; "
+             "pass a preset name or the path of an HF directory / .gguf file")
+
+
+def _host_facts() -> dict:
+    return {"hostname": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "platform": platform.platform()}
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,39 @@
+"""Host-side messages: progress lines and the one-line fatal error.
+
+Bad input ends with ONE line on stderr that names the problem and the fix,
+and a non-zero exit. ``UserError`` carries that line; the entry points catch
+it, print it, and exit 2. Nothing already written is touched on the way out.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+_T0 = time.monotonic()
+
+
+class UserError(Exception):
+    """A problem the user can fix; str(e) is the one-line message."""
+
+
+def fail(message: str) -> None:
+    raise UserError(message)
+
+
+def say(message: str) -> None:
+    elapsed = time.monotonic() - _T0
+    print(f"[kvmatrix {elapsed:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def run_main(main) -> None:
+    """Call main(); turn UserError into one line and exit code 2."""
+    try:
+        code = main()
+    except UserError as exc:
+        print(f"kvmatrix: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("kvmatrix: interrupted; completed cells are kept, rerun with --resume", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,100 @@
+"""Cached host environments: the cache folder and content-keyed virtualenvs.
+
+Everything slow that the host runtime needs (virtualenvs, llama.cpp builds,
+generated models) lives under one cache folder, keyed by the content that
+determines it, so a second run is fast and two different inputs never share
+an entry. An entry is usable only once its ``.complete`` marker exists: an
+interrupted creation is removed and redone on the next call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from kvmatrix.matrix.console import fail, say
+
+MARKER = ".complete"
+
+
+def cache_dir() -> Path:
+    """The cache root: $KVMATRIX_CACHE, else ~/.cache/kvmatrix."""
+    root = os.environ.get("KVMATRIX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "kvmatrix"
+    )
+    path = Path(root).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def content_key(*parts: object) -> str:
+    """A short stable hash of JSON-serialisable parts."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def mark_complete(path: Path, info: dict | None = None) -> None:
+    tmp = path / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(info or {}, indent=1, sort_keys=True))
+    os.replace(tmp, path / MARKER)
+
+
+def reset_entry(path: Path) -> None:
+    """Remove a half-made cache entry so it can be made again."""
+    if path.exists() and not is_complete(path):
+        shutil.rmtree(path)
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def ensure_venv(
+    name: str,
+    requirements: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    pip_args: list[str] | None = None,
+    python: str | None = None,
+) -> Path:
+    """Return the python of a cached venv holding ``requirements``.
+
+    The venv lives at <cache>/venvs/<name>-<key> where key hashes the
+    requirements, the extra environment and the base interpreter, so a
+    changed pin makes a new venv instead of mutating an old one.
+    """
+    base = python or sys.executable
+    key = content_key(name, requirements, env or {}, pip_args or [], base)
+    venv = cache_dir() / "venvs" / f"{name}-{key}"
+    if is_complete(venv):
+        return venv_python(venv)
+    reset_entry(venv)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    say(f"creating environment {venv.name} ({len(requirements)} requirements; cached after this)")
+    _run([base, "-m", "venv", str(venv)], what=f"create venv {venv}")
+    py = str(venv_python(venv))
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+    if requirements:
+        cmd = [py, "-m", "pip", "install", "--progress-bar", "off", *(pip_args or []), *requirements]
+        _run(cmd, what=f"pip install into {venv.name}", env=full_env)
+    mark_complete(venv, {"requirements": requirements, "env": env or {}, "python": base})
+    return venv_python(venv)
+
+
+def _run(cmd: list[str], *, what: str, env: dict[str, str] | None = None) -> None:
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
+        print(tail, file=sys.stderr)
+        fail(f"{what} failed (exit {proc.returncode}); see the output above, fix it and rerun")

@@ -1,0 +1,274 @@
+"""One llama.cpp source, built once, used by every llama.cpp interface.
+
+* source: the llama.cpp vendored inside a llama-cpp-python sdist from PyPI
+  (default ``vendored:0.3.36``), or any checkout given as a directory.
+* build: CMake, once per (source commit, flags), cached; produces
+  ``llama-server`` and the shared ``libllama.so`` that the bindings load
+  through ``LLAMA_CPP_LIB_PATH``. CUDA is switched on when nvcc and a GPU exist.
+* bindings: llama-cpp-python installed WITHOUT compiling
+  (``CMAKE_ARGS=-DLLAMA_BUILD=OFF``) in a cached runner venv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kvmatrix.matrix import envs
+from kvmatrix.matrix.console import fail, say
+
+DEFAULT_SOURCE = "vendored:0.3.36"
+
+# Commits of the llama.cpp vendored by llama-cpp-python releases (read from
+# the sdist's vendor/llama.cpp, which carries no .git).
+VENDORED_COMMITS = {"0.3.36": "0c1e570"}
+
+# Python packages the runner imports (kept in step with pyproject's [runner] extra).
+RUNNER_REQUIREMENTS = ["aiohttp>=3.9", "numpy>=1.24"]
+
+
+@dataclass
+class LlamaSource:
+    origin: str  # "vendored:0.3.36" or a directory
+    path: Path  # the llama.cpp tree (has CMakeLists.txt, convert_hf_to_gguf.py)
+    commit: str
+    bindings_sdist: Path | None = None  # llama-cpp-python source matching this tree
+    bindings_version: str | None = None
+
+
+@dataclass
+class LlamaBuild:
+    source: LlamaSource
+    build_dir: Path
+    bin_dir: Path
+    cmake_flags: list[str]
+    cuda: bool
+    compiler: str
+    build_seconds: float
+    info: dict = field(default_factory=dict)
+
+    @property
+    def server(self) -> Path:
+        return self.bin_dir / "llama-server"
+
+    def provenance(self) -> dict:
+        return {
+            "llama_cpp_source": self.source.origin,
+            "llama_cpp_commit": self.source.commit,
+            "llama_cpp_python_version": self.source.bindings_version,
+            "build_flags": self.cmake_flags,
+            "build_cuda": self.cuda,
+            "compiler": self.compiler,
+            "build_dir": str(self.build_dir),
+        }
+
+
+def ensure_source(spec: str | None) -> LlamaSource:
+    """Resolve ``vendored:X.Y.Z`` or a directory to a llama.cpp tree."""
+    spec = spec or DEFAULT_SOURCE
+    if spec.startswith("vendored:"):
+        return _vendored_source(spec.split(":", 1)[1])
+    path = Path(spec).expanduser().resolve()
+    if not (path / "CMakeLists.txt").is_file() or not (path / "include" / "llama.h").is_file():
+        fail(f"--llama-source {spec}: not a llama.cpp checkout (no CMakeLists.txt / include/llama.h); "
+             f"pass a llama.cpp directory or {DEFAULT_SOURCE}")
+    commit = _git_commit(path) or os.environ.get("KVMATRIX_LLAMA_COMMIT") or "unknown"
+    sdist = None
+    version = None
+    parent = path.parent.parent  # <sdist>/vendor/llama.cpp -> <sdist>
+    if path.parent.name == "vendor" and (parent / "llama_cpp" / "llama_cpp.py").is_file():
+        sdist, version = parent, _sdist_version(parent)
+        commit = commit if commit != "unknown" else VENDORED_COMMITS.get(version or "", "unknown")
+    return LlamaSource(origin=str(path), path=path, commit=commit, bindings_sdist=sdist, bindings_version=version)
+
+
+def _vendored_source(version: str) -> LlamaSource:
+    if not re.fullmatch(r"\d+\.\d+\.\d+", version):
+        fail(f"vendored:{version}: expected a llama-cpp-python version such as {DEFAULT_SOURCE}")
+    root = envs.cache_dir() / "sources" / f"llama-cpp-python-{version}"
+    tree = root / f"llama_cpp_python-{version}"
+    if not envs.is_complete(root):
+        envs.reset_entry(root)
+        root.mkdir(parents=True, exist_ok=True)
+        say(f"downloading llama-cpp-python=={version} source from PyPI (~76 MB, cached)")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             f"llama-cpp-python=={version}", "-d", str(root)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        archives = list(root.glob("*.tar.gz"))
+        if proc.returncode != 0 or not archives:
+            print(proc.stdout[-2000:], file=sys.stderr)
+            fail(f"could not download llama-cpp-python=={version} from PyPI; check the network or pass --llama-source DIR")
+        with tarfile.open(archives[0]) as tf:
+            tf.extractall(root, filter="data")
+        archives[0].unlink()
+        envs.mark_complete(root, {"version": version})
+    commit = VENDORED_COMMITS.get(version) or os.environ.get("KVMATRIX_LLAMA_COMMIT") or "unknown"
+    return LlamaSource(origin=f"vendored:{version}", path=tree / "vendor" / "llama.cpp", commit=commit,
+                       bindings_sdist=tree, bindings_version=version)
+
+
+def _sdist_version(sdist: Path) -> str | None:
+    init = sdist / "llama_cpp" / "__init__.py"
+    m = re.search(r'__version__\s*=\s*"([^"]+)"', init.read_text()) if init.is_file() else None
+    return m.group(1) if m else None
+
+
+def _git_commit(path: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "--short=7", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def detect_cuda() -> tuple[bool, str | None]:
+    """(cuda usable, compute capability like '90') from nvcc + nvidia-smi."""
+    if os.environ.get("KVMATRIX_CUDA", "").lower() in {"0", "off", "no"}:
+        return False, None
+    if not shutil.which("nvcc") or not shutil.which("nvidia-smi"):
+        return False, None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False, None
+    caps = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not caps:
+        return False, None
+    return True, caps[0].strip().replace(".", "")
+
+
+def cmake_flags(source: LlamaSource, cuda: bool, arch: str | None) -> list[str]:
+    """The CMake flags of a build: identical for server and shared library."""
+    flags = [
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DBUILD_SHARED_LIBS=ON",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_TOOLS=ON",
+        "-DLLAMA_BUILD_SERVER=ON",
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
+        "-DLLAMA_BUILD_UI=OFF",
+        "-DLLAMA_CURL=OFF",
+        f"-DLLAMA_OPENSSL={'ON' if Path('/usr/include/openssl/ssl.h').is_file() else 'OFF'}",
+        f"-DLLAMA_BUILD_COMMIT={source.commit}",
+        "-DCMAKE_BUILD_RPATH=$ORIGIN",
+        "-DGGML_NATIVE=ON",
+    ]
+    if cuda:
+        flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={arch or 'native'}"]
+    return flags
+
+
+def ensure_build(source: LlamaSource, cuda: str = "auto", jobs: int | None = None) -> LlamaBuild:
+    """Build llama-server + libllama once per (commit, flags); return the cached build."""
+    has_cuda, arch = detect_cuda() if cuda == "auto" else (cuda == "on", None)
+    if cuda == "on" and not shutil.which("nvcc"):
+        fail("--cuda on but nvcc is not on PATH; install the CUDA toolkit or use --cuda off")
+    flags = cmake_flags(source, has_cuda, arch)
+    key = envs.content_key(source.origin, source.commit, flags, _tree_stamp(source.path))
+    build_dir = envs.cache_dir() / "builds" / f"llama-{source.commit}-{key}"
+    info_file = build_dir / "kvmatrix-build.json"
+    if envs.is_complete(build_dir) and info_file.is_file():
+        info = json.loads(info_file.read_text())
+        return LlamaBuild(source=source, build_dir=build_dir, bin_dir=build_dir / "bin", cmake_flags=flags,
+                          cuda=has_cuda, compiler=info["compiler"], build_seconds=info["build_seconds"], info=info)
+    envs.reset_entry(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    launcher = ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"] if shutil.which("ccache") else []
+    jobs = jobs or os.cpu_count() or 2
+    say(f"building llama.cpp {source.commit} ({'CUDA ' + (arch or '') if has_cuda else 'CPU'}) "
+        f"with {jobs} jobs into {build_dir} (cached after this; ~10 min on 2 cores, seconds with a warm ccache)")
+    t0 = time.monotonic()
+    log = build_dir / "build.log"
+    _stream([ "cmake", "-S", str(source.path), "-B", str(build_dir), *flags, *launcher], log, "configure")
+    _stream(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", "llama-server", "llama"], log, "build")
+    seconds = time.monotonic() - t0
+    if not (build_dir / "bin" / "llama-server").is_file() or not (build_dir / "bin" / "libllama.so").is_file():
+        fail(f"llama.cpp build finished without bin/llama-server or bin/libllama.so; see {log}")
+    info = {"compiler": _compiler(build_dir), "build_seconds": round(seconds, 1), "cmake_flags": flags,
+            "commit": source.commit, "cuda": has_cuda, "cuda_arch": arch}
+    info_file.write_text(json.dumps(info, indent=1))
+    envs.mark_complete(build_dir, info)
+    say(f"llama.cpp build done in {seconds:.0f}s")
+    return LlamaBuild(source=source, build_dir=build_dir, bin_dir=build_dir / "bin", cmake_flags=flags,
+                      cuda=has_cuda, compiler=info["compiler"], build_seconds=seconds, info=info)
+
+
+def _tree_stamp(path: Path) -> str:
+    """Cheap identity of a source tree without git: size+mtime of key files."""
+    parts = []
+    for rel in ("CMakeLists.txt", "include/llama.h", "src/llama.cpp", "tools/server/server.cpp"):
+        p = path / rel
+        if p.exists():
+            st = p.stat()
+            parts.append(f"{rel}:{st.st_size}")
+    return ";".join(parts)
+
+
+def _stream(cmd: list[str], log: Path, what: str) -> None:
+    """Run a build step, append its output to log and show progress lines."""
+    last = 0.0
+    with open(log, "a") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                fh.write(line)
+                m = re.match(r"\[\s*(\d+)%\]", line)
+                now = time.monotonic()
+                if m and now - last > 15:
+                    say(f"llama.cpp {what}: {m.group(1)}% ({line.strip().split()[-1]})")
+                    last = now
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    if rc != 0:
+        tail = "\n".join(log.read_text().splitlines()[-20:])
+        print(tail, file=sys.stderr)
+        fail(f"llama.cpp {what} failed (exit {rc}); full log: {log}")
+
+
+def _compiler(build_dir: Path) -> str:
+    cache = build_dir / "CMakeCache.txt"
+    text = cache.read_text() if cache.is_file() else ""
+    m = re.search(r"^CMAKE_CXX_COMPILER:\w+=(.+)$", text, re.M)
+    cxx = m.group(1).strip() if m else "c++"
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=10)
+        return out.stdout.splitlines()[0] if out.stdout else cxx
+    except OSError:
+        return cxx
+
+
+def ensure_bindings_env(source: LlamaSource) -> Path:
+    """A cached venv with the runner's packages and llama-cpp-python bindings built WITHOUT llama.cpp."""
+    if source.bindings_sdist is None:
+        fail(f"no llama-cpp-python source matches {source.origin}; use {DEFAULT_SOURCE} or a vendor/llama.cpp "
+             f"inside an extracted llama-cpp-python sdist")
+    reqs = [*RUNNER_REQUIREMENTS, str(source.bindings_sdist)]
+    return envs.ensure_venv("llamacpp-runner", reqs, env={"CMAKE_ARGS": "-DLLAMA_BUILD=OFF"})
+
+
+def engine_env(build: LlamaBuild) -> dict[str, str]:
+    """Environment for a process that loads the bindings: point them at THIS build."""
+    return {"LLAMA_CPP_LIB_PATH": str(build.bin_dir)}
+
+
+def dump(build: LlamaBuild) -> str:
+    d = asdict(build)
+    return json.dumps(d, default=str, indent=1)

@@ -1,0 +1,173 @@
+"""The backend contract, written down once, and the registry.
+
+Lifecycle of every adapter (the runner drives it; an adapter never skips a step):
+
+1. ``render()``    RuntimeSpec -> this engine's flags / kwargs for its version.
+2. ``start()``     start the engine in a process the adapter owns; bounded wait
+                   until it is ready; on failure raise ``EngineError`` with the
+                   tail of the engine log.
+3. ``effective()`` read back what the engine really uses; the runner compares
+                   it with the spec (``compare_settings``) and refuses a mismatch.
+4. ``measure()``   one ``Request`` in, one ``Measurement`` out (shared by every
+                   engine); HTTP engines use the one stream reader in
+                   ``backends/http.py``.
+5. ``stop()``      always, also on error; idempotent; leaves no process behind.
+
+An adapter is the only place that knows its engine's API: flags, endpoints,
+token counters, log formats. Experiments only see Request/Measurement.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from kvmatrix.runners.spec import CellSpec
+
+
+class EngineError(RuntimeError):
+    """The engine failed to start, crashed, or answered wrongly (one line + log tail)."""
+
+    def __init__(self, message: str, log_tail: str = ""):
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+class SettingsMismatch(RuntimeError):
+    """Effective settings differ from the requested ones."""
+
+    def __init__(self, mismatches: list[dict]):
+        first = mismatches[0]
+        super().__init__(
+            f"engine runs {first['setting']}={first['effective']!r} but the spec requests "
+            f"{first['requested']!r}" + (f" (+{len(mismatches) - 1} more)" if len(mismatches) > 1 else "")
+        )
+        self.mismatches = mismatches
+
+
+@dataclass
+class Request:
+    """One chat request; every engine gets the same shape."""
+
+    messages: list[dict]
+    max_tokens: int = 1
+    stream: bool = True
+    ignore_eos: bool = False
+
+
+@dataclass
+class Measurement:
+    """What one request measured, as the client saw it and as the engine reported it.
+
+    ``cached_tokens`` is the ENGINE's own count of prompt tokens it reused;
+    ``prompt_token_ids`` is the prompt as the engine tokenized it and
+    ``held_token_ids`` what the engine held before the request (when the
+    adapter can know them), so the experiment can compute what SHOULD have
+    been reused.
+    """
+
+    ttft_s: float | None
+    total_s: float
+    text: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    engine_prompt_ms: float | None = None
+    engine_predicted_ms: float | None = None
+    connect_s: float | None = None
+    prompt_token_ids: list[int] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("prompt_token_ids")
+        return d
+
+
+class Backend(abc.ABC):
+    """Base of every adapter; see the module docstring for the lifecycle."""
+
+    name: str = ""
+    phase: str = ""
+    #: the engine caches in units of this many tokens (vLLM: its block size)
+    cache_granularity: int = 1
+
+    def __init__(self, cell: CellSpec, log_dir: Path):
+        self.cell = cell
+        self.spec = cell.runtime
+        self.log_dir = log_dir
+        self.log_path = log_dir / f"{cell.cell_id}.engine.log"
+        self.rendered: dict = {}
+        self.start_seconds: float | None = None
+
+    @abc.abstractmethod
+    def render(self) -> dict:
+        """Engine flags/kwargs for this spec; stored as ``self.rendered``."""
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def effective(self) -> dict:
+        """Settings as the engine reports them, keyed like RuntimeSpec."""
+
+    @abc.abstractmethod
+    def measure(self, request: Request) -> Measurement: ...
+
+    @abc.abstractmethod
+    def prompt_tokens(self, messages: list[dict]) -> list[int]:
+        """The token ids this engine evaluates for ``messages`` (template applied)."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Plain text -> token ids (no special tokens added)."""
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+    def provenance(self) -> dict:
+        return {}
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+# Settings that must match exactly between spec and engine.
+def compare_settings(requested: dict, effective: dict) -> list[dict]:
+    out = []
+    for key, want in requested.items():
+        if key not in effective:
+            continue
+        got = effective[key]
+        if got != want:
+            out.append({"setting": key, "requested": want, "effective": got})
+    return out
+
+
+_REGISTRY: dict[str, Callable[[], type[Backend]]] = {}
+
+
+def register(name: str, loader: Callable[[], type[Backend]]) -> None:
+    _REGISTRY[name] = loader
+
+
+def get_backend(name: str) -> type[Backend]:
+    """Import the adapter lazily: engine libraries load only in their own environment."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown backend {name!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]()
+
+
+def known_backends() -> list[str]:
+    return sorted(_REGISTRY)

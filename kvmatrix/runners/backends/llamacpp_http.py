@@ -1,0 +1,201 @@
+"""llama-server (phase 3a): chat completions over HTTP with a pinned slot.
+
+render:    RuntimeSpec -> llama-server flags, by what THIS binary's --help offers
+           (``-fa on|off`` vs the older boolean ``-fa``; ``--cache-ram`` and
+           ``--fit`` exist only in newer builds).
+start:     own process group on 127.0.0.1:<free port>, bounded /health wait.
+effective: ``/props`` (slot context, slots) + the start-up log (n_ctx, n_batch,
+           n_ubatch, flash attention, KV types, threads, prompt-cache size,
+           offloaded layers).
+measure:   ``/v1/chat/completions`` with ``id_slot`` pinned and ``cache_prompt``;
+           the engine's ``timings`` (cache_n, prompt_n, prompt_ms, predicted_ms)
+           come with the non-streaming body and the final streamed chunk.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from kvmatrix.runners.backends import llamacpp_common as common
+from kvmatrix.runners.backends.base import Backend, EngineError, Measurement, Request
+from kvmatrix.runners.backends.http import HttpClient, HttpError
+from kvmatrix.runners.backends.process import HOST, EngineProcess, free_port
+
+START_TIMEOUT_S = 120.0
+
+
+class LlamaCppHttp(Backend):
+    name = "llamacpp_http"
+    phase = "3a"
+
+    def __init__(self, cell, log_dir: Path):
+        super().__init__(cell, log_dir)
+        self.server = Path(cell.engine["server"])
+        self.model_path = cell.model["gguf"]
+        self.port = free_port()
+        self.proc: EngineProcess | None = None
+        self.client: HttpClient | None = None
+        self._help: str | None = None
+        self._template_cache: dict[str, list[int]] = {}
+
+    # -- render ---------------------------------------------------------------
+    def help_text(self) -> str:
+        if self._help is None:
+            if not self.server.is_file():
+                raise EngineError(f"llama-server not found at {self.server}; build it with nox -s build")
+            out = subprocess.run([str(self.server), "--help"], capture_output=True, text=True, timeout=60)
+            self._help = out.stdout + out.stderr
+        return self._help
+
+    def render(self) -> dict:
+        s, h = self.spec, self.help_text()
+        argv = [
+            str(self.server), "-m", self.model_path, "--host", HOST, "--port", str(self.port),
+            "-c", str(s.n_ctx), "-b", str(s.n_batch), "-ub", str(s.n_ubatch), "-np", str(s.n_parallel),
+            "-ngl", str(common.gpu_layers_arg(s.n_gpu_layers)),
+            "-ctk", s.cache_type_k, "-ctv", s.cache_type_v,
+            "-t", str(s.n_threads), "-tb", str(s.n_threads_batch),
+            "--seed", str(s.seed), "--temp", str(s.temperature),
+            "--metrics", "--slots",
+        ]
+        argv += render_flash_attn(s.flash_attn, h)
+        if "--cache-ram" in h:
+            argv += ["--cache-ram", str(s.cache_ram_mib)]
+        elif s.cache_ram_mib != 0:
+            raise EngineError("this llama-server has no --cache-ram (no host-RAM prompt cache); request cache_ram_mib=0")
+        if re.search(r"--fit\b", h):
+            argv += ["--fit", "off"]  # never let the server resize unset arguments behind our back
+        if "--no-webui" in h:
+            argv.append("--no-webui")
+        if "--jinja" in h:
+            argv.append("--jinja")
+        self.rendered = {"argv": argv}
+        return self.rendered
+
+    # -- start / stop ---------------------------------------------------------
+    def start(self) -> None:
+        argv = self.rendered.get("argv") or self.render()["argv"]
+        self.proc = EngineProcess(argv, self.log_path)
+        self.proc.start()
+        self.client = HttpClient(f"http://{HOST}:{self.port}")
+        self.start_seconds = self.proc.wait_ready(
+            lambda: self.client.get_json("/health", timeout_s=2).get("status") == "ok",
+            START_TIMEOUT_S, "llama-server",
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    # -- read back ------------------------------------------------------------
+    def effective(self) -> dict:
+        props = self.client.get_json("/props")
+        log = self.log_path.read_text(errors="replace")
+        eff = common.parse_context_log(log)
+        eff["n_parallel"] = props.get("total_slots")
+        slot_ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
+        if slot_ctx is not None and eff.get("n_ctx") is None:
+            eff["n_ctx"] = slot_ctx * (eff["n_parallel"] or 1)
+        eff["n_ctx_per_slot"] = slot_ctx
+        m = re.search(r"n_threads\s*=\s*(\d+)\s*\(n_threads_batch\s*=\s*(\d+)\)", log)
+        if m:
+            eff["n_threads"], eff["n_threads_batch"] = int(m.group(1)), int(m.group(2))
+        eff["cache_ram_mib"] = parse_cache_ram(log, self.spec.cache_ram_mib, "--cache-ram" in self.help_text())
+        eff["build_info"] = props.get("build_info")
+        eff["chat_template_source"] = "gguf" if props.get("chat_template") else "none"
+        self._props = props
+        return {k: v for k, v in eff.items() if v is not None}
+
+    def provenance(self) -> dict:
+        log = self.log_path.read_text(errors="replace")
+        m = re.search(r"system_info:\s*(.+)", log)
+        return {
+            "engine": "llama-server",
+            "engine_build_info": getattr(self, "_props", {}).get("build_info"),
+            "system_info": m.group(1).strip() if m else None,
+            "server_binary": str(self.server),
+            "server_argv": self.rendered.get("argv"),
+        }
+
+    # -- tokens ---------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        body = self.client.post_json("/tokenize", {"content": text, "add_special": False, "parse_special": False})
+        return [t if isinstance(t, int) else t["id"] for t in body["tokens"]]
+
+    def prompt_tokens(self, messages: list[dict]) -> list[int]:
+        key = repr(messages)
+        if key not in self._template_cache:
+            prompt = self.client.post_json("/apply-template", {"messages": messages})["prompt"]
+            body = self.client.post_json("/tokenize", {"content": prompt, "add_special": True, "parse_special": True})
+            self._template_cache[key] = [t if isinstance(t, int) else t["id"] for t in body["tokens"]]
+        return self._template_cache[key]
+
+    # -- measure --------------------------------------------------------------
+    def measure(self, request: Request) -> Measurement:
+        payload = {
+            "messages": request.messages,
+            "max_tokens": request.max_tokens,
+            "temperature": self.spec.temperature,
+            "seed": self.spec.seed,
+            "stream": request.stream,
+            "id_slot": 0,
+            "cache_prompt": self.spec.prefix_caching,
+        }
+        if request.ignore_eos:
+            payload["ignore_eos"] = True
+        if request.stream:
+            payload["stream_options"] = {"include_usage": True}
+        try:
+            if request.stream:
+                r = self.client.stream_chat("/v1/chat/completions", payload)
+                ttft, total, connect, text, fields = r.ttft_s, r.total_s, r.connect_s, r.text, r.fields
+            else:
+                fields, total, connect = self.client.timed_post("/v1/chat/completions", payload)
+                ttft, text = None, (fields.get("choices") or [{}])[0].get("message", {}).get("content") or ""
+        except (HttpError, OSError) as exc:
+            self.proc.check_alive("llama-server")
+            raise EngineError(f"llama-server request failed: {exc}", self.log_tail()) from None
+        timings = fields.get("timings") or {}
+        usage = fields.get("usage") or {}
+        cache_n = timings.get("cache_n")
+        prompt_n = timings.get("prompt_n")
+        prompt_tokens = usage.get("prompt_tokens")
+        if prompt_tokens is None and prompt_n is not None:
+            prompt_tokens = prompt_n + (cache_n or 0)
+        return Measurement(
+            ttft_s=ttft,
+            total_s=total,
+            text=text,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=usage.get("completion_tokens", timings.get("predicted_n")),
+            cached_tokens=cache_n,
+            engine_prompt_ms=timings.get("prompt_ms"),
+            engine_predicted_ms=timings.get("predicted_ms"),
+            connect_s=connect,
+            extra={"prompt_n": prompt_n},
+        )
+
+
+def render_flash_attn(on: bool, help_text: str) -> list[str]:
+    """``-fa on|off`` where the binary takes a value, else the old boolean ``-fa``."""
+    if re.search(r"-fa,\s*--flash-attn\s*\[on\|off\|auto\]", help_text) or "--flash-attn [on|off" in help_text:
+        return ["-fa", "on" if on else "off"]
+    return ["-fa"] if on else []
+
+
+def parse_cache_ram(log: str, requested: int, supported: bool) -> int | None:
+    """The host-RAM prompt cache size the server reports (0 = disabled)."""
+    if not supported:
+        return 0  # builds without --cache-ram have no host-RAM prompt cache
+    m = re.search(r"prompt cache is enabled, size limit:\s*(\S+)", log)
+    if m:
+        return -1 if m.group(1).lower().startswith("no") else int(re.sub(r"\D", "", m.group(1)) or -1)
+    if re.search(r"prompt cache is disabled|cache_ram_mib\s*=\s*0|--cache-ram 0", log):
+        return 0
+    return None

@@ -1,0 +1,117 @@
+"""The invalidation experiment: T1 warm [A,B] -> T2 hit [A,B,Q] / T3 miss [B,Q].
+
+Per trial (the original protocol), for the trial's condition:
+
+1. warm [A,B] generating 1 token, timed as ``warmup_time_ms``;
+2. settle; 3. timed streaming query (hit: [A,B,Q], miss: [B,Q]) -> TTFT;
+4. re-warm; settle; non-streaming 1-token query -> ``ttft_non_streaming_ms``;
+5. re-warm; settle; throughput run: the same query generating
+   ``max_output_tokens`` tokens with EOS ignored -> total time and tokens/s.
+
+Conditions are interleaved (warm-up trials of both first, then hit, miss,
+hit, miss, ...) so drift cannot masquerade as a hit/miss effect. A, B and Q
+are the same in every trial of a cell, so each warm-up starts from what the
+previous query left in the cache (the "cascade").
+
+Every timed query is checked against the engine's own cached-token count:
+expected = longest common token prefix of what the engine held and the
+query, at the engine's cache granularity.
+"""
+
+from __future__ import annotations
+
+import time
+
+from kvmatrix.runners.backends.base import Backend, Measurement, Request
+from kvmatrix.runners.results import Trial
+from kvmatrix.runners.spec import ExperimentSpec
+from kvmatrix.runners.workload import Contexts, Vocabulary, expected_cached, verify
+
+CONDITIONS = {"cache_hit": ("a", "b", "q"), "cache_miss": ("b", "q")}
+WARM = ("a", "b")
+
+
+def schedule(spec: ExperimentSpec) -> list[tuple[str, int, bool]]:
+    """(condition, trial index, is warm-up) in run order: warm-ups, then interleaved."""
+    order: list[tuple[str, int, bool]] = []
+    for i in range(spec.warmup_trials):
+        for cond in CONDITIONS:
+            order.append((cond, i, True))
+    for i in range(spec.num_trials):
+        for cond in CONDITIONS:
+            order.append((cond, i, False))
+    return order
+
+
+class Tracker:
+    """Remembers what the engine holds, to compute the expected cache reuse."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.held: list[int] | None = None
+
+    def run(self, request: Request) -> tuple[Measurement, int, bool]:
+        prompt = self.backend.prompt_tokens(request.messages)
+        held = self.held
+        m = self.backend.measure(request)
+        if m.prompt_token_ids is not None:
+            prompt = m.prompt_token_ids
+        g = self.backend.cache_granularity
+        expected = expected_cached(held, prompt, g)
+        self.held = prompt
+        return m, expected, verify(m.cached_tokens, expected, g)
+
+
+def run(backend: Backend, spec: ExperimentSpec, progress=None) -> dict:
+    vocab = Vocabulary.from_engine(backend.tokenize)
+    cfg = spec.config
+    ctx: Contexts = vocab.contexts(cfg.a, cfg.b, cfg.q, seed=spec.seed)
+    tracker = Tracker(backend)
+    settle = spec.settle_ms / 1000.0
+    warm_msgs = ctx.messages(*WARM)
+    trials: dict[str, list[Trial]] = {c: [] for c in CONDITIONS}
+    plan = schedule(spec)
+
+    def warm() -> Measurement:
+        m, _, _ = tracker.run(Request(warm_msgs, max_tokens=1, stream=False))
+        time.sleep(settle)
+        return m
+
+    for step, (cond, idx, is_warmup) in enumerate(plan, 1):
+        msgs = ctx.messages(*CONDITIONS[cond])
+        w = warm()
+        q, expected, ok_q = tracker.run(Request(msgs, max_tokens=1, stream=True))
+        warm()
+        ns, expected_ns, ok_ns = tracker.run(Request(msgs, max_tokens=1, stream=False))
+        warm()
+        tp, _, _ = tracker.run(Request(msgs, max_tokens=spec.max_output_tokens, stream=False, ignore_eos=True))
+        ttft_ms = (q.ttft_s if q.ttft_s is not None else q.total_s) * 1000
+        ns_ms = ns.total_s * 1000
+        completion = tp.completion_tokens or 0
+        trials[cond].append(Trial(
+            trial=idx,
+            warmup=is_warmup,
+            ttft_ms=ttft_ms,
+            ttft_non_streaming_ms=ns_ms,
+            overhead_ms=ttft_ms - ns_ms,
+            engine_prompt_ms=q.engine_prompt_ms,
+            engine_predicted_ms=q.engine_predicted_ms,
+            total_time_ms=tp.total_s * 1000,
+            throughput=completion / tp.total_s if tp.total_s > 0 else 0.0,
+            warmup_time_ms=w.total_s * 1000,
+            prompt_tokens=q.prompt_tokens or 0,
+            completion_tokens=completion,
+            cached_tokens=q.cached_tokens,
+            expected_cached_tokens=expected,
+            cache_granularity=backend.cache_granularity,
+            cache_verified=ok_q and ok_ns,
+        ))
+        if progress:
+            progress(f"{cond} trial {idx}{' (warm-up)' if is_warmup else ''}: ttft {ttft_ms:.1f} ms, "
+                     f"cached {q.cached_tokens}/{q.prompt_tokens} (expected {expected})", step, len(plan))
+    return {
+        "trials": trials,
+        "order": [f"{c}:{i}{'w' if w else ''}" for c, i, w in plan],
+        "workload": {"a_tokens": cfg.a, "b_tokens": cfg.b, "q_tokens": cfg.q, "seed": spec.seed,
+                     "words": len(vocab.words), "q_text": ctx.q.strip()},
+    }

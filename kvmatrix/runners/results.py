@@ -1,0 +1,173 @@
+"""Result schema, statistics and atomic writes.
+
+One JSON per cell (schema below, ``SCHEMA_VERSION``), keeping the original
+experiments' field names. Stdlib only. Analysis reads these files and never
+imports a backend.
+
+Cell document::
+
+    schema_version, cell_id, run, phase, backend, experiment, model{},
+    timestamp, status ("ok" | "failed"), error (one line or null),
+    config{context_size_a, context_size_b, query_tokens, max_output_tokens,
+           num_trials, warmup_trials, settle_ms},
+    cache_hit{trials[], stats{}}, cache_miss{trials[], stats{}},
+    ttft_degradation_pct,
+    runtime{requested{}, effective{}, mismatches[]},
+    provenance{}, timing{engine_start_s, cell_wall_s}, log_file, log_tail
+
+Trial (one timed query and its companions)::
+
+    trial, warmup (bool), ttft_ms, ttft_non_streaming_ms, overhead_ms,
+    engine_prompt_ms, engine_predicted_ms, total_time_ms, throughput,
+    warmup_time_ms, prompt_tokens, completion_tokens, cached_tokens,
+    expected_cached_tokens, cache_granularity, cache_verified
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+# Per-trial metrics that get summary statistics.
+STAT_FIELDS = (
+    "ttft_ms",
+    "ttft_non_streaming_ms",
+    "overhead_ms",
+    "engine_prompt_ms",
+    "total_time_ms",
+    "throughput",
+    "warmup_time_ms",
+)
+
+
+@dataclass
+class Trial:
+    trial: int
+    warmup: bool
+    ttft_ms: float
+    ttft_non_streaming_ms: float
+    overhead_ms: float
+    engine_prompt_ms: float | None
+    engine_predicted_ms: float | None
+    total_time_ms: float
+    throughput: float
+    warmup_time_ms: float
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int | None
+    expected_cached_tokens: int
+    cache_granularity: int
+    cache_verified: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def describe(values: list[float]) -> dict:
+    """n, mean, median, stdev, p95, min, max of the finite values."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not xs:
+        return {"n": 0}
+    return {
+        "n": len(xs),
+        "mean": statistics.fmean(xs),
+        "median": statistics.median(xs),
+        "stdev": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "p95": percentile(xs, 95),
+        "min": min(xs),
+        "max": max(xs),
+    }
+
+
+def condition_block(trials: list[Trial]) -> dict:
+    """{trials[], stats{}} for one condition; stats over measured trials only."""
+    measured = [t for t in trials if not t.warmup]
+    stats = {f: describe([getattr(t, f) for t in measured]) for f in STAT_FIELDS}
+    stats["n_trials"] = len(measured)
+    stats["verified_trials"] = sum(1 for t in measured if t.cache_verified)
+    return {"trials": [t.to_dict() for t in trials], "stats": stats}
+
+
+def degradation_pct(hit: dict, miss: dict) -> float | None:
+    """(miss - hit) / hit * 100 on mean streaming TTFT, as the original experiments."""
+    h = hit["stats"]["ttft_ms"].get("mean")
+    m = miss["stats"]["ttft_ms"].get("mean")
+    if not h or m is None:
+        return None
+    return (m - h) / h * 100.0
+
+
+def write_json_atomic(path: str | Path, doc: dict) -> Path:
+    """Write JSON via a temp file in the same folder and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(doc, fh, indent=1, sort_keys=False, default=_json_default)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _json_default(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def load_cells(paths: list[str | Path]) -> list[dict]:
+    """All cell documents under the given folders/files (report input)."""
+    docs = []
+    for p in paths:
+        p = Path(p)
+        files = [p] if p.is_file() else sorted(p.glob("*.json"))
+        for f in files:
+            try:
+                doc = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(doc, dict) and doc.get("schema_version") and "cell_id" in doc:
+                doc["_path"] = str(f)
+                docs.append(doc)
+    return docs

@@ -1,0 +1,82 @@
+"""kvmatrix sessions. Each is a few lines calling into kvmatrix.matrix / kvmatrix.analysis.
+
+Options after ``--`` go to the underlying command, e.g.
+``nox -s phase3a phase3b -- --trials 3 --out results/try``.
+Builds, models and engine environments are cached under $KVMATRIX_CACHE
+(default ~/.cache/kvmatrix), so only the first run is slow.
+"""
+
+import nox
+
+nox.options.sessions = ["demo"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def _host(session, *args):
+    """Install kvmatrix (host side) and run ``python -m kvmatrix.matrix ...``."""
+    session.install("-e", ".")
+    session.run("python", "-m", "kvmatrix.matrix", *args)
+
+
+@nox.session
+def build(session):
+    """Build llama.cpp (llama-server + libllama.so) and the bindings venv, cached."""
+    _host(session, "build", *session.posargs)
+
+
+@nox.session
+def model(session):
+    """Generate the default model: -- --preset tiny|gpt2-small|llama-1b (HF + GGUF, cached)."""
+    session.install("-e", ".")
+    args = list(session.posargs)
+    if "--preset" in args:
+        args[args.index("--preset")] = "--model"
+    session.run("python", "-m", "kvmatrix.models", *args)
+
+
+@nox.session
+def phase3a(session):
+    """Invalidation experiment on llama-server (HTTP, chat completions)."""
+    _host(session, "run", "--phases", "3a", *session.posargs)
+
+
+@nox.session
+def phase3b(session):
+    """Invalidation experiment on llama-cpp-python (chat API and manual template)."""
+    _host(session, "run", "--phases", "3b", *session.posargs)
+
+
+@nox.session
+def report(session):
+    """Write DIR/report.md and DIR/figures/ from result JSON: -- DIR [DIR ...]."""
+    session.install("-e", ".[analysis]")
+    session.run("python", "-m", "kvmatrix.analysis.report", *session.posargs)
+
+
+@nox.session
+def demo(session):
+    """The embedded default end to end: build, tiny model, phase3a + phase3b, report."""
+    session.install("-e", ".[analysis]")
+    out = "results/demo"
+    args = list(session.posargs)
+    if "--out" in args:
+        out = args[args.index("--out") + 1]
+    else:
+        args += ["--out", out]
+    session.run("python", "-m", "kvmatrix.matrix", "run", "--phases", "3a,3b", "--run-name", "demo", *args)
+    session.run("python", "-m", "kvmatrix.analysis.report", out)
+    session.log(f"report: {out}/report.md")
+
+
+@nox.session
+def tests(session):
+    """Unit tests and real-engine integration tests (pytest; -- passes pytest options)."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def lint(session):
+    """ruff over the project."""
+    session.install("ruff")
+    session.run("ruff", "check", "kvmatrix", "tests", "noxfile.py")
