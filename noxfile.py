@@ -27,11 +27,7 @@ def build(session):
 @nox.session
 def model(session):
     """Generate the default model: -- --preset tiny|gpt2-small|llama-1b (HF + GGUF, cached)."""
-    session.install("-e", ".")
-    args = list(session.posargs)
-    if "--preset" in args:
-        args[args.index("--preset")] = "--model"
-    session.run("python", "-m", "kvmatrix.models", *args)
+    _host(session, "model", *session.posargs)
 
 
 @nox.session

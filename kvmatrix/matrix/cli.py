@@ -30,6 +30,10 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build llama.cpp (server + shared library) and the bindings venv")
     add_common(b)
+    m = sub.add_parser("model", help="generate (or convert) a model with the benchmarked llama.cpp's converter")
+    add_common(m)
+    m.add_argument("--model", "--preset", dest="model", default="tiny",
+                   help="preset (tiny, gpt2-small, llama-1b) or a path to an HF dir / .gguf")
     r = sub.add_parser("run", help="run phases in the host runtime")
     add_common(r)
     r.add_argument("--phases", default="3a,3b", help="comma-separated phases: 3a (llama-server), 3b (llama-cpp-python)")
@@ -61,6 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         build = llamacpp.ensure_build(source, args.cuda)
         py = llamacpp.ensure_bindings_env(source)
         print(json.dumps({**build.provenance(), "runner_python": str(py)}, indent=1))
+        return 0
+    if args.cmd == "model":
+        from kvmatrix.models.store import ensure_model  # noqa: PLC0415
+
+        _check_model_arg(args.model)
+        source = llamacpp.ensure_source(args.llama_source)
+        files = ensure_model(args.model, source.path, source.commit)
+        print(json.dumps({"name": files.name, "params": files.params, "hf_dir": str(files.hf_dir),
+                          "gguf_f16": str(files.gguf_f16), "gguf_q8_0": str(files.gguf_q8_0)}, indent=1))
         return 0
     return run(args)
 

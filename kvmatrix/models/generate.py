@@ -24,7 +24,13 @@ from pathlib import Path
 
 from kvmatrix.models.gguf_meta import gguf_summary
 from kvmatrix.models.presets import (
-    BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, SPECIAL_TOKENS, ModelPreset, PRESETS, param_count,
+    BOS_TOKEN,
+    CHAT_TEMPLATE,
+    EOS_TOKEN,
+    PRESETS,
+    SPECIAL_TOKENS,
+    ModelPreset,
+    param_count,
 )
 
 GENERATOR_VERSION = "1"

@@ -158,9 +158,11 @@ def _ensure_preset(name: str, src: Path, commit: str) -> ModelFiles:
     return _files(entry, name, entry / "hf")
 
 
-def _ensure_hf(hf: Path, src: Path, commit: str) -> ModelFiles:
+def _ensure_hf(hf: Path, llama_source: Path, commit: str) -> ModelFiles:
     if not (hf / "config.json").is_file() or not any((hf / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
-        fail(f"{hf} is not an HF model directory (needs config.json and tokenizer.json or tokenizer.model); pass a preset name or a complete HF directory")
+        fail(f"{hf} is not an HF model directory (needs config.json and tokenizer.json or tokenizer.model); "
+             "pass a preset name or a complete HF directory")
+    src = _check_llama_source(llama_source)
     say(f"hashing {hf} to find its cached GGUF")
     hashes = {p.relative_to(hf).as_posix(): _sha256(p) for p in sorted(hf.rglob("*"))
               if p.is_file() and not any(part.startswith(".") for part in p.relative_to(hf).parts)}
@@ -193,7 +195,7 @@ def ensure_model(model: str, llama_source: Path, llama_commit: str) -> ModelFile
             fail(f"cannot read {path} as GGUF ({exc}); pass a valid .gguf file")
         manifest = {"kind": "gguf", "name": path.stem, "source": str(path), **info}
         return ModelFiles(path.stem, None, path, None, manifest, info["params"])
-    return _ensure_hf(path, _check_llama_source(llama_source), llama_commit)
+    return _ensure_hf(path, llama_source, llama_commit)
 
 
 def main(argv: list[str] | None = None) -> int:

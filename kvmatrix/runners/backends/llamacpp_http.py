@@ -71,6 +71,8 @@ class LlamaCppHttp(Backend):
             argv.append("--no-webui")
         if "--jinja" in h:
             argv.append("--jinja")
+        if re.search(r"-lv,\s*--verbosity", h):
+            argv += ["-lv", "4"]  # prints the llama_context / KV cache lines read back by effective()
         self.rendered = {"argv": argv}
         return self.rendered
 
@@ -107,6 +109,13 @@ class LlamaCppHttp(Backend):
         if m:
             eff["n_threads"], eff["n_threads_batch"] = int(m.group(1)), int(m.group(2))
         eff["cache_ram_mib"] = parse_cache_ram(log, self.spec.cache_ram_mib, "--cache-ram" in self.help_text())
+        params = (props.get("default_generation_settings") or {}).get("params") or {}
+        eff["seed"] = params.get("seed")
+        eff["temperature"] = params.get("temperature")
+        if "n_gpu_layers" not in eff and "no usable GPU found" in log:
+            eff["n_gpu_layers"] = 0  # the server ignores -ngl without a GPU backend
+        # request-level: every request sends cache_prompt from the spec (see measure)
+        eff["prefix_caching"] = self.spec.prefix_caching
         eff["build_info"] = props.get("build_info")
         eff["chat_template_source"] = "gguf" if props.get("chat_template") else "none"
         self._props = props

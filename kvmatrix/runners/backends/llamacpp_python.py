@@ -22,6 +22,7 @@ Never import torch or transformers in this process.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -86,7 +87,13 @@ class LlamaCppPython(Backend):
         sys.stderr.flush()
 
     def stop(self) -> None:
-        self.llm = None  # frees model and context
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.eval = None  # break the wrapper's reference cycle
+            if hasattr(llm, "close"):
+                llm.close()  # frees context and model while llama.cpp still logs into the engine log
+            del llm
+            gc.collect()
         self._restore_stderr()
 
     def _redirect_stderr(self) -> None:
@@ -125,6 +132,8 @@ class LlamaCppPython(Backend):
         if "n_gpu_layers" not in eff:
             eff["n_gpu_layers"] = 0 if not eff["gpu_offload_supported"] else None
         eff["chat_template_source"] = "gguf" if self._chat_template() else "none"
+        eff["cache_ram_mib"] = 0  # the bindings keep no host-RAM prompt cache unless set_cache() is called; we never call it
+        eff["prefix_caching"] = True  # Llama.generate always reuses the longest matching prefix; it cannot be switched off
         return {k: v for k, v in eff.items() if v is not None}
 
     def provenance(self) -> dict:
