@@ -111,6 +111,7 @@ def test_tiny_is_byte_identical_across_caches(tiny_pair):
         pa, pb = a.gguf_f16.parent / name, b.gguf_f16.parent / name
         assert pa.read_bytes() == pb.read_bytes(), name
     assert a.params == PRESETS["tiny"].params()
+    assert a.manifest["tokenizer_vocab_size"] == a.manifest["vocab_size"] == 2048  # no [PAD] ids
     assert a.manifest["special_tokens"] == {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     assert a.manifest["llama_cpp_commit"] == "test-commit"
 

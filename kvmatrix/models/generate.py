@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -48,6 +49,18 @@ def corpus_texts() -> list[str]:
     return [p.read_text(encoding="utf-8") for p in sorted(CORPUS_DIR.glob("*.txt"))]
 
 
+def training_texts() -> list[str]:
+    """The corpus plus its word list in lower, Capitalized and UPPER case.
+
+    The prose alone stops BPE at ~4.6k tokens; the case variants give the
+    merges room to reach 8192, so no generated id is an unused [PAD] token
+    (random weights emit every id they have).
+    """
+    texts = corpus_texts()
+    words = sorted({w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", t)})
+    return texts + [" ".join(f(w) for w in words) for f in (str.lower, str.capitalize, str.upper)]
+
+
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -77,7 +90,7 @@ def train_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus_texts(), trainer=trainer)
+    tok.train_from_iterator(training_texts(), trainer=trainer)
     return tok
 
 
@@ -226,6 +239,8 @@ def generate_preset(p: ModelPreset, out: Path) -> dict:
     hf.mkdir(parents=True)
     log(f"training tokenizer (target vocab {p.vocab_size})")
     tok = train_tokenizer(p.vocab_size)
+    if tok.get_vocab_size() < p.vocab_size:
+        log(f"tokenizer stopped at {tok.get_vocab_size()} tokens; ids up to {p.vocab_size} are [PAD] padding")
     ids = write_tokenizer(tok, hf, p)
     write_config(hf, p, ids)
     log(f"writing {param_count(p):,} float16 weights (seed {p.seed})")

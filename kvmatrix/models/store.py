@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,17 +78,9 @@ def generator_sha() -> str:
     return h.hexdigest()
 
 
-def resolve_llama_commit(value: str | None, llama_source: Path) -> str:
-    """A commit given directly, read from a file, or asked of git in llama_source."""
-    if value:
-        return Path(value).read_text().strip() if Path(value).is_file() else value.strip()
-    proc = subprocess.run(["git", "-C", str(llama_source), "rev-parse", "--show-toplevel", "--short", "HEAD"],
-                          capture_output=True, text=True)
-    lines = proc.stdout.split()
-    # Only trust git when llama_source is the top of its own repository.
-    if proc.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != Path(llama_source).resolve():
-        fail(f"cannot tell the llama.cpp commit of {llama_source}; pass --llama-commit COMMIT (or a file holding it)")
-    return lines[1]
+def read_commit(value: str) -> str:
+    """A llama.cpp commit given directly or as a file holding it."""
+    return Path(value).read_text().strip() if Path(value).is_file() else value.strip()
 
 
 def _check_llama_source(llama_source: Path) -> Path:
@@ -201,21 +192,18 @@ def ensure_model(model: str, llama_source: Path, llama_commit: str) -> ModelFile
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from kvmatrix.matrix.llamacpp import ensure_source
+
     ap = argparse.ArgumentParser(prog="python -m kvmatrix.models",
                                  description="Generate or convert a model and print its manifest path.")
     ap.add_argument("--model", default="tiny", help=f"one of {', '.join(PRESETS)}, an HF directory or a .gguf file")
     ap.add_argument("--llama-source", default=os.environ.get("KVMATRIX_LLAMA_SOURCE"),
-                    help="llama.cpp source tree (default $KVMATRIX_LLAMA_SOURCE)")
-    ap.add_argument("--llama-commit", help="llama.cpp commit, or a file holding it (default: git in --llama-source)")
+                    help="llama.cpp source tree or vendored:X.Y.Z (default $KVMATRIX_LLAMA_SOURCE, else the default source)")
+    ap.add_argument("--llama-commit", help="llama.cpp commit, or a file holding it (default: detected from the source)")
     args = ap.parse_args(argv)
-    if not args.llama_source:
-        fail("no llama.cpp source given; pass --llama-source DIR or set KVMATRIX_LLAMA_SOURCE")
-    src = _check_llama_source(Path(args.llama_source))
-    files = ensure_model(args.model, src, resolve_llama_commit(args.llama_commit, src))
+    source = ensure_source(args.llama_source)
+    commit = read_commit(args.llama_commit) if args.llama_commit else source.commit
+    files = ensure_model(args.model, source.path, commit)
     say(f"model {files.name}: {files.params:,} params, {files.gguf_f16}")
-    if files.hf_dir is None:
-        print(files.gguf_f16)
-    else:
-        print(files.gguf_f16.parent / "manifest.json")
-    sys.stdout.flush()
+    print(files.gguf_f16 if files.hf_dir is None else files.gguf_f16.parent / "manifest.json", flush=True)
     return 0
