@@ -1,6 +1,6 @@
 """The embedded default models: presets (unit) and real generation (marked ``model``).
 
-The generation tests need a llama.cpp source tree in $KVMATRIX_LLAMA_SOURCE;
+The generation tests use the default llama.cpp source (or $KVMATRIX_LLAMA_SOURCE);
 they build the "model" venv once in the session's cache and then generate
 ``tiny`` into fresh temporary caches.
 """
@@ -22,10 +22,7 @@ from kvmatrix.models.gguf_meta import gguf_summary, read_gguf
 from kvmatrix.models.presets import CHAT_TEMPLATE, PRESETS, SPECIAL_TOKENS, get_preset, param_count
 
 REPO = Path(__file__).resolve().parents[1]
-LLAMA_SOURCE = os.environ.get("KVMATRIX_LLAMA_SOURCE")
-needs_source = pytest.mark.skipif(
-    not LLAMA_SOURCE, reason="set KVMATRIX_LLAMA_SOURCE to a llama.cpp source tree to run model generation tests"
-)
+needs_source = pytest.mark.usefixtures("llama_build")
 
 
 # -- unit -------------------------------------------------------------------
@@ -82,14 +79,14 @@ def model_py():
 
 
 @pytest.fixture(scope="module")
-def tiny_pair(model_py, tmp_path_factory):
+def tiny_pair(model_py, llama_build, tmp_path_factory):
     """``tiny`` generated twice, into two separate caches."""
     out = []
     for i in range(2):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("KVMATRIX_CACHE", str(tmp_path_factory.mktemp(f"cache{i}")))
             mp.setenv("KVMATRIX_MODEL_PYTHON", model_py)
-            out.append(store.ensure_model("tiny", Path(LLAMA_SOURCE), "test-commit"))
+            out.append(store.ensure_model("tiny", llama_build[0].path, "test-commit"))
     return out
 
 
@@ -118,12 +115,12 @@ def test_tiny_is_byte_identical_across_caches(tiny_pair):
 
 @needs_source
 @pytest.mark.model
-def test_second_call_uses_cache(tiny_pair, model_py, monkeypatch):
+def test_second_call_uses_cache(tiny_pair, model_py, llama_build, monkeypatch):
     a = tiny_pair[0]
     monkeypatch.setenv("KVMATRIX_CACHE", str(a.gguf_f16.parents[2]))
     monkeypatch.setenv("KVMATRIX_MODEL_PYTHON", model_py)
     monkeypatch.setattr(store, "_build", lambda *a, **k: pytest.fail("regenerated a cached model"))
-    again = store.ensure_model("tiny", Path(LLAMA_SOURCE), "test-commit")
+    again = store.ensure_model("tiny", llama_build[0].path, "test-commit")
     assert again.gguf_f16 == a.gguf_f16 and again.hf_dir == a.hf_dir
 
 
@@ -190,13 +187,13 @@ c = json.loads((d / "config.json").read_text()); c["vocab_size"] = n
 
 @needs_source
 @pytest.mark.model
-def test_hf_dir_conversion_pads_vocab(tiny_pair, model_py, tmp_path, monkeypatch):
+def test_hf_dir_conversion_pads_vocab(tiny_pair, model_py, llama_build, tmp_path, monkeypatch):
     hf = tmp_path / "my-model"
     shutil.copytree(tiny_pair[0].hf_dir, hf)
     _run_py(model_py, PAD_HF, str(hf), "2304")
     monkeypatch.setenv("KVMATRIX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("KVMATRIX_MODEL_PYTHON", model_py)
-    files = store.ensure_model(str(hf), Path(LLAMA_SOURCE), "test-commit")
+    files = store.ensure_model(str(hf), llama_build[0].path, "test-commit")
     assert files.hf_dir == hf and files.manifest["kind"] == "hf"
     assert set(files.manifest["hf_files"]) >= {"config.json", "tokenizer.json", "model.safetensors"}
     meta, _ = read_gguf(files.gguf_f16)
