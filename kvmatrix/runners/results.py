@@ -56,8 +56,8 @@ class Trial:
     overhead_ms: float
     engine_prompt_ms: float | None
     engine_predicted_ms: float | None
-    total_time_ms: float
-    throughput: float
+    total_time_ms: float | None
+    throughput: float | None
     warmup_time_ms: float
     prompt_tokens: int
     completion_tokens: int
@@ -65,6 +65,7 @@ class Trial:
     expected_cached_tokens: int
     cache_granularity: int
     cache_verified: bool
+    device: dict | None = None  # NVML sample right after the timed request (GPU hosts)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import platform
 import signal
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from kvmatrix.runners import backends
 from kvmatrix.runners.backends.base import EngineError, SettingsMismatch, compare_settings
+from kvmatrix.runners.device import Nvml, host_facts
 from kvmatrix.runners.experiments import EXPERIMENTS
 from kvmatrix.runners.results import SCHEMA_VERSION, condition_block, degradation_pct, write_json_atomic
 from kvmatrix.runners.spec import CellSpec, SpecError
@@ -49,8 +49,10 @@ def base_document(cell: CellSpec) -> dict:
             "settle_ms": exp.settle_ms,
         },
         "runtime": {"requested": cell.runtime.to_dict(), "effective": {}, "mismatches": [], "unverified": []},
-        "provenance": {**cell.provenance, "runner_host": platform.node(), "runner_python": sys.version.split()[0]},
+        "provenance": {**cell.provenance, "runner_host": host_facts(), "runner_python": sys.version.split()[0]},
         "timing": {},
+        **({"sweep": {"n_batch": cell.runtime.n_batch, "n_ubatch": cell.runtime.n_ubatch}}
+           if exp.name == "batch_sweep" else {}),
     }
 
 
@@ -78,6 +80,9 @@ def run_cell(cell: CellSpec, progress=None) -> dict:
         mismatches = compare_settings(requested, effective)
         doc["runtime"]["mismatches"] = mismatches
         doc["provenance"].update(backend.provenance())
+        nvml = Nvml.open()
+        if nvml is not None:
+            doc["provenance"]["gpu"] = nvml.describe()
         if mismatches:
             raise SettingsMismatch(mismatches)
         experiment = EXPERIMENTS[cell.experiment.name]

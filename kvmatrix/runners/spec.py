@@ -103,6 +103,8 @@ class ABConfig:
 
 DEFAULT_CONFIGS = (ABConfig(512, 256), ABConfig(384, 384), ABConfig(256, 512))
 
+EXPERIMENT_NAMES = ("invalidation", "recompute_scan", "batch_sweep")
+
 # Tokens the chat template and the generated output add around A+B+Q; a
 # config must leave this much room in the context.
 TEMPLATE_MARGIN = 64
@@ -119,12 +121,15 @@ class ExperimentSpec:
     settle_ms: int = 500
     max_output_tokens: int = 50
     seed: int = 1234
+    scan_points: tuple[float, ...] | None = None  # recompute_scan: kept fractions of |A|+|B|
 
     def validate(self, runtime: RuntimeSpec) -> None:
         if self.num_trials < 1:
             raise SpecError(f"--trials {self.num_trials}: need at least 1 measured trial")
         if self.warmup_trials < 0 or self.settle_ms < 0:
             raise SpecError("warmup trials and --settle-ms must be >= 0")
+        if self.name not in EXPERIMENT_NAMES:
+            raise SpecError(f"unknown experiment {self.name!r}; use one of {', '.join(EXPERIMENT_NAMES)}")
         need = self.config.a + self.config.b + self.config.q + self.max_output_tokens + TEMPLATE_MARGIN
         per_slot = runtime.n_ctx // runtime.n_parallel
         if need > per_slot:
@@ -143,6 +148,8 @@ class ExperimentSpec:
     def from_dict(cls, data: dict) -> "ExperimentSpec":
         data = dict(data)
         data["config"] = ABConfig(**data["config"])
+        if data.get("scan_points") is not None:
+            data["scan_points"] = tuple(data["scan_points"])
         return cls(**data)
 
 

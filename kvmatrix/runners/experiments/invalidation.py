@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 
 from kvmatrix.runners.backends.base import Backend, Measurement, Request
+from kvmatrix.runners.device import Nvml
 from kvmatrix.runners.results import Trial
 from kvmatrix.runners.spec import ExperimentSpec
 from kvmatrix.runners.workload import Contexts, Vocabulary, expected_cached, verify
@@ -49,11 +50,14 @@ class Tracker:
     def __init__(self, backend: Backend):
         self.backend = backend
         self.held: list[int] | None = None
+        self.nvml = Nvml.open()
 
     def run(self, request: Request) -> tuple[Measurement, int, bool]:
         prompt = self.backend.prompt_tokens(request.messages)
         held = self.held
         m = self.backend.measure(request)
+        if self.nvml is not None:
+            m.extra["device"] = self.nvml.sample()
         if m.prompt_token_ids is not None:
             prompt = m.prompt_token_ids
         g = self.backend.cache_granularity
@@ -62,56 +66,71 @@ class Tracker:
         return m, expected, verify(m.cached_tokens, expected, g)
 
 
-def run(backend: Backend, spec: ExperimentSpec, progress=None) -> dict:
-    vocab = Vocabulary.from_engine(backend.tokenize)
-    cfg = spec.config
-    ctx: Contexts = vocab.contexts(cfg.a, cfg.b, cfg.q, seed=spec.seed)
-    tracker = Tracker(backend)
+def measure_trial(tracker: Tracker, warm_msgs: list[dict], msgs: list[dict], spec: ExperimentSpec,
+                  idx: int, is_warmup: bool, throughput: bool = True) -> Trial:
+    """One trial of the protocol for the query ``msgs`` after warming ``warm_msgs``."""
     settle = spec.settle_ms / 1000.0
-    warm_msgs = ctx.messages(*WARM)
-    trials: dict[str, list[Trial]] = {c: [] for c in CONDITIONS}
-    plan = schedule(spec)
 
     def warm() -> Measurement:
         m, _, _ = tracker.run(Request(warm_msgs, max_tokens=1, stream=False))
         time.sleep(settle)
         return m
 
-    for step, (cond, idx, is_warmup) in enumerate(plan, 1):
-        msgs = ctx.messages(*CONDITIONS[cond])
-        w = warm()
-        q, expected, ok_q = tracker.run(Request(msgs, max_tokens=1, stream=True))
-        warm()
-        ns, expected_ns, ok_ns = tracker.run(Request(msgs, max_tokens=1, stream=False))
+    w = warm()
+    q, expected, ok_q = tracker.run(Request(msgs, max_tokens=1, stream=True))
+    warm()
+    ns, _, ok_ns = tracker.run(Request(msgs, max_tokens=1, stream=False))
+    tp = None
+    if throughput:
         warm()
         tp, _, _ = tracker.run(Request(msgs, max_tokens=spec.max_output_tokens, stream=False, ignore_eos=True))
-        ttft_ms = (q.ttft_s if q.ttft_s is not None else q.total_s) * 1000
-        ns_ms = ns.total_s * 1000
-        completion = tp.completion_tokens or 0
-        trials[cond].append(Trial(
-            trial=idx,
-            warmup=is_warmup,
-            ttft_ms=ttft_ms,
-            ttft_non_streaming_ms=ns_ms,
-            overhead_ms=ttft_ms - ns_ms,
-            engine_prompt_ms=q.engine_prompt_ms,
-            engine_predicted_ms=q.engine_predicted_ms,
-            total_time_ms=tp.total_s * 1000,
-            throughput=completion / tp.total_s if tp.total_s > 0 else 0.0,
-            warmup_time_ms=w.total_s * 1000,
-            prompt_tokens=q.prompt_tokens or 0,
-            completion_tokens=completion,
-            cached_tokens=q.cached_tokens,
-            expected_cached_tokens=expected,
-            cache_granularity=backend.cache_granularity,
-            cache_verified=ok_q and ok_ns,
-        ))
+    ttft_ms = (q.ttft_s if q.ttft_s is not None else q.total_s) * 1000
+    ns_ms = ns.total_s * 1000
+    completion = (tp.completion_tokens or 0) if tp else (q.completion_tokens or 0)
+    return Trial(
+        trial=idx,
+        warmup=is_warmup,
+        ttft_ms=ttft_ms,
+        ttft_non_streaming_ms=ns_ms,
+        overhead_ms=ttft_ms - ns_ms,
+        engine_prompt_ms=q.engine_prompt_ms,
+        engine_predicted_ms=q.engine_predicted_ms,
+        total_time_ms=tp.total_s * 1000 if tp else None,
+        throughput=(completion / tp.total_s if tp.total_s > 0 else 0.0) if tp else None,
+        warmup_time_ms=w.total_s * 1000,
+        prompt_tokens=q.prompt_tokens or 0,
+        completion_tokens=completion,
+        cached_tokens=q.cached_tokens,
+        expected_cached_tokens=expected,
+        cache_granularity=tracker.backend.cache_granularity,
+        cache_verified=ok_q and ok_ns,
+        device=q.extra.get("device"),
+    )
+
+
+def run(backend: Backend, spec: ExperimentSpec, progress=None, conditions: tuple[str, ...] = tuple(CONDITIONS)) -> dict:
+    vocab = Vocabulary.from_engine(backend.tokenize)
+    cfg = spec.config
+    ctx: Contexts = vocab.contexts(cfg.a, cfg.b, cfg.q, seed=spec.seed)
+    tracker = Tracker(backend)
+    warm_msgs = ctx.messages(*WARM)
+    trials: dict[str, list[Trial]] = {c: [] for c in conditions}
+    plan = [step for step in schedule(spec) if step[0] in conditions]
+    for step, (cond, idx, is_warmup) in enumerate(plan, 1):
+        trial = measure_trial(tracker, warm_msgs, ctx.messages(*CONDITIONS[cond]), spec, idx, is_warmup)
+        trials[cond].append(trial)
         if progress:
-            progress(f"{cond} trial {idx}{' (warm-up)' if is_warmup else ''}: ttft {ttft_ms:.1f} ms, "
-                     f"cached {q.cached_tokens}/{q.prompt_tokens} (expected {expected})", step, len(plan))
+            progress(f"{cond} trial {idx}{' (warm-up)' if is_warmup else ''}: ttft {trial.ttft_ms:.1f} ms, "
+                     f"cached {trial.cached_tokens}/{trial.prompt_tokens} (expected {trial.expected_cached_tokens})",
+                     step, len(plan))
     return {
         "trials": trials,
         "order": [f"{c}:{i}{'w' if w else ''}" for c, i, w in plan],
         "workload": {"a_tokens": cfg.a, "b_tokens": cfg.b, "q_tokens": cfg.q, "seed": spec.seed,
                      "words": len(vocab.words), "q_text": ctx.q.strip()},
     }
+
+
+def run_miss_only(backend: Backend, spec: ExperimentSpec, progress=None) -> dict:
+    """batch_sweep: the miss condition alone; the cell's runtime carries the n_batch under test."""
+    return run(backend, spec, progress, conditions=("cache_miss",))
