@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmatrix.runners.results import condition_block, degradation_pct, describe, percentile, Trial
+from kvmatrix.runners.results import Trial, condition_block, degradation_pct, describe, percentile
 from kvmatrix.runners.spec import ABConfig, CellSpec, ExperimentSpec, RuntimeSpec, SpecError
 from kvmatrix.runners.workload import Vocabulary, common_prefix, corpus_words, expected_cached, verify
 

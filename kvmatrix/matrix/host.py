@@ -21,8 +21,8 @@ from pathlib import Path
 from kvmatrix.matrix.cells import Cell
 from kvmatrix.matrix.console import say
 from kvmatrix.runners.backends.process import describe_exit, reap_group
-from kvmatrix.runners.run_cell import base_document
 from kvmatrix.runners.results import write_json_atomic
+from kvmatrix.runners.run_cell import base_document
 from kvmatrix.runners.spec import CellSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def run_cells(specs: list[tuple[Cell, CellSpec, Launch]], out_dir: Path, resume:
     total = len(specs)
     t0 = time.monotonic()
     docs = []
-    for i, (cell, spec, launch) in enumerate(specs, 1):
+    for i, (_cell, spec, launch) in enumerate(specs, 1):
         if resume and cell_done(out_dir, spec.cell_id):
             say(f"[{i}/{total}] {spec.cell_id}: already ok, skipped (--resume)")
             docs.append(json.loads((out_dir / f"{spec.cell_id}.json").read_text()))

@@ -22,7 +22,7 @@ class Nvml:
         self.handle = handle
 
     @classmethod
-    def open(cls, index: int = 0) -> "Nvml | None":
+    def open(cls, index: int = 0) -> Nvml | None:
         try:
             lib = ctypes.CDLL("libnvidia-ml.so.1")
         except OSError:

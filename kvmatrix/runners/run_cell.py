@@ -36,7 +36,7 @@ def base_document(cell: CellSpec) -> dict:
         "label": cell.engine.get("label", cell.backend),
         "experiment": exp.name,
         "model": cell.model,
-        "timestamp": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "timestamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "status": "running",
         "error": None,
         "config": {

@@ -69,7 +69,7 @@ class RuntimeSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RuntimeSpec":
+    def from_dict(cls, data: dict) -> RuntimeSpec:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -90,7 +90,7 @@ class ABConfig:
         return f"{self.a}/{self.b}"
 
     @classmethod
-    def parse(cls, text: str, q: int = 16) -> "ABConfig":
+    def parse(cls, text: str, q: int = 16) -> ABConfig:
         try:
             a_s, b_s = text.split("/")
             a, b = int(a_s), int(b_s)
@@ -145,7 +145,7 @@ class ExperimentSpec:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ExperimentSpec":
+    def from_dict(cls, data: dict) -> ExperimentSpec:
         data = dict(data)
         data["config"] = ABConfig(**data["config"])
         if data.get("scan_points") is not None:
@@ -175,7 +175,7 @@ class CellSpec:
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "CellSpec":
+    def from_file(cls, path: str | Path) -> CellSpec:
         d = json.loads(Path(path).read_text())
         d["runtime"] = RuntimeSpec.from_dict(d["runtime"])
         d["experiment"] = ExperimentSpec.from_dict(d["experiment"])

@@ -16,9 +16,9 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "models" / "corpus"
 
@@ -85,7 +85,7 @@ class Vocabulary:
         self.words = words
 
     @classmethod
-    def from_engine(cls, tokenize: Callable[[str], list[int]]) -> "Vocabulary":
+    def from_engine(cls, tokenize: Callable[[str], list[int]]) -> Vocabulary:
         return cls(single_token_words(tokenize, corpus_words()))
 
     def span(self, n: int, rng: random.Random, avoid_first: set[str] = frozenset()) -> str:
@@ -107,7 +107,7 @@ class Vocabulary:
 
 def common_prefix(x: list[int], y: list[int]) -> int:
     n = 0
-    for u, v in zip(x, y):
+    for u, v in zip(x, y, strict=False):
         if u != v:
             break
         n += 1

@@ -20,9 +20,9 @@ token counters, log formats. Experiments only see Request/Measurement.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from kvmatrix.runners.spec import CellSpec
 
