@@ -80,6 +80,7 @@ def run_one(spec: CellSpec, launch: Launch, out_dir: Path) -> dict:
     result_path = out_dir / f"{spec.cell_id}.json"
     before = result_path.stat().st_mtime_ns if result_path.exists() else None
     env = dict(os.environ)
+    env.pop("LLAMA_CPP_LIB_PATH", None)  # only the shared-library variant sets it
     env.update(launch.env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"

@@ -272,3 +272,38 @@ def engine_env(build: LlamaBuild) -> dict[str, str]:
 def dump(build: LlamaBuild) -> str:
     d = asdict(build)
     return json.dumps(d, default=str, indent=1)
+
+
+# -- bindings build variants -------------------------------------------------
+#: How llama-cpp-python gets its llama.cpp, for the same source commit:
+#:   shared: bindings built WITHOUT llama.cpp, loading the server's libllama.so (LLAMA_CPP_LIB_PATH)
+#:   pip:    pip compiles its vendored llama.cpp with the SAME CMake flags as the server build
+#:   stock:  pip compiles it with no CMAKE_ARGS, as users install it by default (CPU only)
+BUILD_VARIANTS = ("shared", "pip", "stock")
+
+# Settings a variant cannot honour by definition; the runner accepts (and records) exactly these.
+STOCK_DEVIATIONS = {"n_gpu_layers": 0}
+
+
+def pip_cmake_args(build: LlamaBuild) -> str:
+    """The build's compute flags, as CMAKE_ARGS for pip-compiling the bindings."""
+    keep = ("-DGGML_", "-DCMAKE_CUDA_ARCHITECTURES", "-DCMAKE_BUILD_TYPE", "-DLLAMA_BUILD_COMMIT")
+    return " ".join(f for f in build.cmake_flags if f.startswith(keep))
+
+
+def ensure_variant_env(source: LlamaSource, build: LlamaBuild, variant: str) -> tuple[Path, dict[str, str], dict]:
+    """(python, environment, provenance) of the runner for a bindings build variant."""
+    if variant not in BUILD_VARIANTS:
+        fail(f"unknown llama build variant {variant!r}; use one of server, {', '.join(BUILD_VARIANTS)}")
+    if variant == "shared":
+        return ensure_bindings_env(source), engine_env(build), {"build_variant": "shared",
+                                                                 "bindings_cmake_args": "-DLLAMA_BUILD=OFF"}
+    if source.bindings_sdist is None:
+        fail(f"no llama-cpp-python source matches {source.origin}; the {variant} variant needs {DEFAULT_SOURCE}")
+    cmake_args = pip_cmake_args(build) if variant == "pip" else ""
+    jobs = str(os.cpu_count() or 2)
+    say(f"bindings variant '{variant}': pip compiles llama-cpp-python's vendored llama.cpp "
+        f"(CMAKE_ARGS={cmake_args or '<none>'}; ~10 min on 2 cores, cached after this)")
+    py = envs.ensure_venv(f"llamacpp-{variant}", [*RUNNER_REQUIREMENTS, str(source.bindings_sdist)],
+                          env={"CMAKE_ARGS": cmake_args, "CMAKE_BUILD_PARALLEL_LEVEL": jobs})
+    return py, {}, {"build_variant": variant, "bindings_cmake_args": cmake_args or "(none: pip default)"}

@@ -78,6 +78,12 @@ def run_cell(cell: CellSpec, progress=None) -> dict:
         requested = {k: v for k, v in cell.runtime.to_dict().items() if k in effective}
         doc["runtime"]["unverified"] = sorted(set(cell.runtime.to_dict()) - set(effective))
         mismatches = compare_settings(requested, effective)
+        # A build variant may declare settings it cannot honour by definition (the stock
+        # CPU-only wheel ignores n_gpu_layers): accepted only at exactly the declared value.
+        declared = cell.engine.get("accepted_deviations") or {}
+        accepted = [m for m in mismatches if m["setting"] in declared and m["effective"] == declared[m["setting"]]]
+        mismatches = [m for m in mismatches if m not in accepted]
+        doc["runtime"]["accepted_deviations"] = accepted
         doc["runtime"]["mismatches"] = mismatches
         doc["provenance"].update(backend.provenance())
         nvml = Nvml.open()
@@ -133,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvmatrix runner: error: cannot read cell spec {argv[0]}: {exc}", file=sys.stderr)
         return 2
 
+    # A private copy of stderr: in-process engines redirect fd 2 into their log.
+    console = os.fdopen(os.dup(2), "w", buffering=1)
+
     def progress(msg: str, step: int, total: int) -> None:
-        print(f"  [{cell.cell_id} {step}/{total}] {msg}", file=sys.stderr, flush=True)
+        print(f"  [{cell.cell_id} {step}/{total}] {msg}", file=console, flush=True)
 
     if os.environ.get("KVMATRIX_QUIET"):
         progress = None  # noqa: F811
