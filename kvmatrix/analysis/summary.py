@@ -1,7 +1,14 @@
-"""Pure summaries of result cells: rows, unverified trials, settings parity, provenance.
+"""Pure summaries of result cells, per experiment, plus settings parity and provenance.
 
-Input is the list of cell documents from ``kvmatrix.runners.results.load_cells``.
-Nothing here draws or writes; ``report`` and ``figures`` consume these values.
+Input is the list of cell documents from ``load_dirs`` (``kvmatrix.runners.results.load_cells``
+without duplicates). Nothing here draws or writes; ``report`` and ``figures``
+consume these values through ``build_evidence``.
+
+- invalidation cells -> ``Row`` (hit vs miss, bootstrap CIs, Mann-Whitney U, roofline floor)
+- recompute_scan cells -> ``ScanPoint`` per kept/recomputed split
+- batch_sweep cells -> ``SweepPoint`` per (backend, n_batch)
+- every trial -> ``TrialPoint`` (recomputed tokens vs TTFT), outliers, device state;
+  invalidation order -> warm-up ``Cascade``
 """
 
 from __future__ import annotations
@@ -10,6 +17,13 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmatrix.analysis import roofline
+from kvmatrix.analysis.stats import Comparison, Summary, compare, summarize, tukey
+from kvmatrix.runners.results import load_cells
+
+CONDITION_NAMES = {"cache_hit": "hit", "cache_miss": "miss"}
 
 
 @dataclass

@@ -73,6 +73,11 @@ def ensure_venv(
     changed pin makes a new venv instead of mutating an old one.
     """
     base = python or sys.executable
+    offline = os.environ.get("KVMATRIX_OFFLINE_WHEELS")
+    if offline:
+        # Hosts without a package index (the lent GPU machine): reuse the system's
+        # packages, take the rest from a folder of wheels, build without isolation.
+        pip_args = [*(pip_args or []), "--no-index", "--find-links", offline, "--no-build-isolation"]
     key = content_key(name, requirements, env or {}, pip_args or [], base)
     venv = cache_dir() / "venvs" / f"{name}-{key}"
     if is_complete(venv):
@@ -80,7 +85,7 @@ def ensure_venv(
     reset_entry(venv)
     venv.parent.mkdir(parents=True, exist_ok=True)
     say(f"creating environment {venv.name} ({len(requirements)} requirements; cached after this)")
-    _run([base, "-m", "venv", str(venv)], what=f"create venv {venv}")
+    _run([base, "-m", "venv", *(["--system-site-packages"] if offline else []), str(venv)], what=f"create venv {venv}")
     py = str(venv_python(venv))
     full_env = dict(os.environ)
     full_env.update(env or {})
