@@ -87,6 +87,8 @@ def ensure_venv(
     say(f"creating environment {venv.name} ({len(requirements)} requirements; cached after this)")
     _run([base, "-m", "venv", *(["--system-site-packages"] if offline else []), str(venv)], what=f"create venv {venv}")
     py = str(venv_python(venv))
+    if offline:
+        _inherit_site_packages(venv, py)
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
@@ -95,6 +97,21 @@ def ensure_venv(
         _run(cmd, what=f"pip install into {venv.name}", env=full_env)
     mark_complete(venv, {"requirements": requirements, "env": env or {}, "python": base})
     return venv_python(venv)
+
+
+def _inherit_site_packages(venv: Path, py: str) -> None:
+    """Make the packages of the interpreter that runs kvmatrix visible in the new venv.
+
+    ``--system-site-packages`` only reaches the BASE interpreter's packages; on
+    hosts whose python is itself a venv (the GPU machine's torch venv) the
+    useful packages live there, so a .pth file adds those folders.
+    """
+    import site
+
+    target = subprocess.run([py, "-c", "import site; print(site.getsitepackages()[0])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    paths = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    (Path(target) / "_kvmatrix_inherit.pth").write_text("\n".join(paths) + "\n")
 
 
 def _run(cmd: list[str], *, what: str, env: dict[str, str] | None = None) -> None:
