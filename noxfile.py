@@ -31,6 +31,18 @@ def model(session):
 
 
 @nox.session
+def phase1(session):
+    """Invalidation experiment on vLLM's OpenAI server (HTTP, chat completions)."""
+    _host(session, "run", "--phases", "1", *session.posargs)
+
+
+@nox.session
+def phase2(session):
+    """Invalidation experiment on vLLM in-process (LLM.generate with token ids)."""
+    _host(session, "run", "--phases", "2", *session.posargs)
+
+
+@nox.session
 def phase3a(session):
     """Invalidation experiment on llama-server (HTTP, chat completions)."""
     _host(session, "run", "--phases", "3a", *session.posargs)
@@ -51,7 +63,7 @@ def report(session):
 
 @nox.session
 def demo(session):
-    """The embedded default end to end: build, tiny model, phase3a + phase3b, report."""
+    """The embedded default end to end: build, tiny model, phases 1, 2, 3a, 3b, report."""
     session.install("-e", ".[analysis]")
     out = "results/demo"
     args = list(session.posargs)
@@ -59,7 +71,7 @@ def demo(session):
         out = args[args.index("--out") + 1]
     else:
         args += ["--out", out]
-    session.run("python", "-m", "kvmatrix.matrix", "run", "--phases", "3a,3b", "--run-name", "demo", *args)
+    session.run("python", "-m", "kvmatrix.matrix", "run", "--phases", "1,2,3a,3b", "--run-name", "demo", *args)
     session.run("python", "-m", "kvmatrix.analysis.report", out)
     session.log(f"report: {out}/report.md")
 

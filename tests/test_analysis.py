@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import ast
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from kvmatrix.analysis.figures import make_figures, ttft_split
+from kvmatrix.analysis import figures as figures_mod
+from kvmatrix.analysis import roofline, stats
+from kvmatrix.analysis.figures import SPECS, make_figures, ttft_split
 from kvmatrix.analysis.report import NoCellsError, main, write_report
-from kvmatrix.analysis.summary import build_rows, settings_parity, unverified_trials
-from kvmatrix.runners.results import Trial, condition_block, degradation_pct, write_json_atomic
+from kvmatrix.analysis.summary import (
+    build_evidence,
+    build_rows,
+    cascade,
+    device_state,
+    order_text,
+    outliers,
+    recompute_points,
+    settings_parity,
+    unverified_trials,
+)
+from kvmatrix.runners.results import Trial, condition_block, degradation_pct, describe, write_json_atomic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ALL_FIGURES = [s.name for s in SPECS]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def trials(ttfts, *, ns_gap=5.0, engine_prompt=True, unverified=(), cached=None, expected=0, warmup=1):
@@ -71,28 +89,359 @@ def write_cells(folder: Path, docs) -> Path:
     return folder
 
 
+# ---------------------------------------------------------------- a synthetic run of all three experiments
+
+H100 = {"name": "NVIDIA H100 80GB HBM3", "driver": "550.54"}
+MODEL = {"name": "llama-1b", "params": 1_000_000_000, "quant": "f16", "n_layers": 24, "hidden_size": 2048}
+TINY = {"name": "tiny", "params": 4_262_144, "quant": "f16", "n_layers": 4, "hidden_size": 256}
+
+
+def _trial(i, warm, ttft, prompt, cached, *, rng, warmup_ms=50.0, device=None, extra=None):
+    ns = ttft - 0.5
+    t = {"trial": i, "warmup": warm, "ttft_ms": ttft, "ttft_non_streaming_ms": ns, "overhead_ms": ttft - ns,
+         "engine_prompt_ms": ns - 0.3, "engine_predicted_ms": 0.1, "total_time_ms": 400 + rng.normal(0, 5),
+         "throughput": 120 + rng.normal(0, 3), "warmup_time_ms": warmup_ms, "prompt_tokens": prompt,
+         "completion_tokens": 50, "cached_tokens": cached, "expected_cached_tokens": cached,
+         "cache_granularity": 1, "cache_verified": True}
+    if device is not None:
+        t["device"] = device
+    t.update(extra or {})
+    return t
+
+
+def _block(trials_):
+    return {"trials": trials_, "stats": {"ttft_ms": describe([t["ttft_ms"] for t in trials_ if not t["warmup"]]),
+                                         "n_trials": sum(not t["warmup"] for t in trials_),
+                                         "verified_trials": sum(not t["warmup"] and t["cache_verified"]
+                                                                for t in trials_)}}
+
+
+def _doc(cell_id, phase, backend, experiment, *, gpu=True, label=None, provenance=None, n_batch=2048):
+    prov = {"llama_cpp_commit": "0c1e570", "build_variant": "cuda" if gpu else "cpu",
+            "host": {"hostname": "box", "cpus": 16}, "build_cuda": gpu}
+    if gpu:
+        prov["gpu"] = H100
+    prov.update(provenance or {})
+    eff = {"n_ctx": 4096, "n_batch": n_batch, "n_ubatch": min(n_batch, 512), "n_gpu_layers": 99 if gpu else 0,
+           "n_threads": 8}
+    return {"schema_version": 1, "cell_id": cell_id, "run": "full", "phase": phase, "backend": backend,
+            "label": label or backend, "experiment": experiment, "model": dict(MODEL if gpu else TINY),
+            "timestamp": "2026-11-22T09:00:00Z", "status": "ok", "error": None,
+            "config": {"context_size_a": 512, "context_size_b": 256, "query_tokens": 16, "max_output_tokens": 50,
+                       "num_trials": 10, "warmup_trials": 1, "settle_ms": 500},
+            "runtime": {"requested": dict(eff), "effective": eff, "mismatches": []},
+            "provenance": prov, "timing": {"engine_start_s": 1.0, "cell_wall_s": 30.0}}
+
+
+def invalidation_cell(phase, backend, a, b, *, seed, per_token=0.05, n=10, gpu=True, warm_tokens=False,
+                      throttle=None, label=None):
+    """Interleaved hit/miss trials as the runner writes them, warm-ups slow after a miss (the cascade)."""
+    rng = np.random.default_rng(seed)
+    doc = _doc(f"phase{phase}-{backend}-{a}x{b}", phase, backend, "invalidation", gpu=gpu, label=label)
+    doc["config"].update(context_size_a=a, context_size_b=b, num_trials=n)
+    q, tmpl = 16, 23
+    shapes = {"cache_hit": (a + b + q + tmpl, a + b + tmpl - 1), "cache_miss": (b + q + tmpl, 4)}
+    plan = [(c, 0, True) for c in shapes] + [(c, i, False) for i in range(n) for c in shapes]
+    blocks = {c: [] for c in shapes}
+    prev = None
+    for k, (cond, i, warm) in enumerate(plan):
+        prompt, cached = shapes[cond]
+        ttft = 3.0 + per_token * (prompt - cached) + abs(rng.normal(0, 0.4))
+        if cond == "cache_miss" and i == 7 and not warm:
+            ttft *= 3  # one slow miss: the outlier
+        after_miss = prev in (None, "cache_miss")
+        warm_ms = (per_token * (a + b) if after_miss else per_token * 2) + 2 + abs(rng.normal(0, 0.3))
+        extra = {"warmup_prompt_tokens": a + b + tmpl, "warmup_cached_tokens": 4 if after_miss else a + b + tmpl - 1
+                 } if warm_tokens else None
+        device = None
+        if gpu:
+            device = {"sm_clock_mhz": 1980.0, "mem_clock_mhz": 2619.0, "power_w": 310.0 + k, "temp_c": 45.0}
+            if throttle is not None and k == throttle:
+                device["sm_clock_mhz"] = 1400.0
+        blocks[cond].append(_trial(i, warm, ttft, prompt, cached, rng=rng, warmup_ms=warm_ms, device=device,
+                                   extra=extra))
+        prev = cond
+    for cond, ts in blocks.items():
+        doc[cond] = _block(ts)
+    h = [t["ttft_ms"] for t in blocks["cache_hit"] if not t["warmup"]]
+    m = [t["ttft_ms"] for t in blocks["cache_miss"] if not t["warmup"]]
+    doc["ttft_degradation_pct"] = (np.mean(m) - np.mean(h)) / np.mean(h) * 100
+    doc["order"] = [f"{c}:{i}{'w' if w else ''}" for c, i, w in plan]
+    if gpu:
+        doc["device_settle"] = [{"sm_clock_mhz": 1980.0, "mem_clock_mhz": 2619.0, "power_w": 80.0, "temp_c": 40.0}]
+    return doc
+
+
+def scan_cell(phase, backend, *, seed, per_token=0.05, total=800, gpu=True, n=5, label=None):
+    rng = np.random.default_rng(seed)
+    doc = _doc(f"phase{phase}-{backend}-scan", phase, backend, "recompute_scan", gpu=gpu, label=label)
+    doc["scan"] = []
+    for kept in (0, 200, 400, 600, 780):
+        r = total - kept
+        ts = [_trial(i, False, 3.0 + per_token * r + abs(rng.normal(0, 0.3)), total, kept, rng=rng)
+              for i in range(n)]
+        doc["scan"].append({"kept_tokens": kept, "recomputed_tokens": r, "trials": ts, "stats": _block(ts)["stats"]})
+    return doc
+
+
+def sweep_cell(phase, backend, n_batch, *, seed, gpu=True, n=5, label=None):
+    rng = np.random.default_rng(seed)
+    doc = _doc(f"phase{phase}-{backend}-nb{n_batch}", phase, backend, "batch_sweep", gpu=gpu, n_batch=n_batch,
+               label=label)
+    doc["sweep"] = {"n_batch": n_batch, "n_ubatch": min(n_batch, 512)}
+    base = 12.0 + 400.0 / n_batch
+    ts = [_trial(i, False, base + abs(rng.normal(0, 0.3)), 295, 4, rng=rng) for i in range(n)]
+    doc["cache_miss"] = _block(ts)
+    return doc
+
+
+def full_run_docs() -> list[dict]:
+    """invalidation (two backends, two configs, one on a GPU with NVML samples) + recompute_scan + batch_sweep."""
+    py = "llamacpp_python/chat"
+    return [
+        invalidation_cell("3a", "llamacpp_http", 512, 256, seed=1, warm_tokens=True, throttle=9),
+        invalidation_cell("3a", "llamacpp_http", 256, 512, seed=2),
+        invalidation_cell("3b", "llamacpp_python", 512, 256, seed=3, per_token=0.08, gpu=False,
+                          label=py),
+        invalidation_cell("3b", "llamacpp_python", 256, 512, seed=4, per_token=0.08, gpu=False, label=py),
+        scan_cell("3a", "llamacpp_http", seed=5),
+        scan_cell("3b", "llamacpp_python", seed=6, per_token=0.08, gpu=False, label=py),
+        *[sweep_cell("3a", "llamacpp_http", nb, seed=10 + nb) for nb in (64, 128, 256, 512, 2048)],
+        *[sweep_cell("3b", "llamacpp_python", nb, seed=20 + nb, gpu=False, label=py) for nb in (64, 256, 2048)],
+        failed_cell("1", "vllm_http", "engine exited with code 1"),
+    ]
+
+
 @pytest.fixture
-def run_dir(tmp_path):
-    """A run folder: llama.cpp HTTP (two configs), vLLM HTTP, one failed cell."""
-    return write_cells(tmp_path / "demo", [
+def full_run(tmp_path):
+    return write_cells(tmp_path / "full", full_run_docs())
+
+
+def run_docs():
+    """llama.cpp HTTP (two configs), vLLM HTTP, one failed cell."""
+    return [
         cell("3a", "llamacpp_http", 512, 256, [10, 12, 14], [100, 110, 120], hit_unverified=(1,)),
         cell("3a", "llamacpp_http", 256, 512, [20, 22, 24], [60, 66, 72]),
         cell("1", "vllm_http", 512, 256, [5, 6, 7], [40, 44, 48], engine_prompt=False,
              effective={"n_threads": 8, "gpu_memory_utilization": 0.9},
              mismatches=[{"key": "n_batch", "requested": 2048, "effective": 1024}]),
         failed_cell("3b", "llamacpp_python", "engine exited with code 1 (see logs/x.log)"),
-    ])
+    ]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run folder of ``run_docs``."""
+    return write_cells(tmp_path / "demo", run_docs())
+
+
+@pytest.fixture(scope="module")
+def report_text(tmp_path_factory):
+    """report.md of ``run_docs``, written once for the tests that only read it."""
+    return write_report([write_cells(tmp_path_factory.mktemp("demo"), run_docs())]).read_text()
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory):
+    """(out folder, report.md text) of ``full_run_docs``, written once."""
+    out = tmp_path_factory.mktemp("full_out")
+    text = write_report([write_cells(tmp_path_factory.mktemp("full"), full_run_docs())], out).read_text()
+    return out, text
+
+
+INVALIDATION = "Invalidation: cache hit vs cache miss"
 
 
 def section(text: str, title: str) -> str:
-    """The body of a ``## title`` section."""
+    """The body of a ``## title`` section (its ``###`` subsections included)."""
     return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
 def table_rows(md: str) -> list[list[str]]:
-    """Cells of a github-format markdown table's body rows."""
-    lines = [ln for ln in md.splitlines() if ln.startswith("|")][2:]
-    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    """Cells of the body rows of the FIRST github-format markdown table in ``md``."""
+    lines = md.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    block = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        block.append(ln)
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in block[2:]]
+
+
+def table_header(md: str) -> list[str]:
+    line = next(ln for ln in md.splitlines() if ln.startswith("|"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_bootstrap_ci_contains_median_and_is_deterministic():
+    rng = np.random.default_rng(7)
+    for n in (2, 3, 5, 10, 31):
+        x = rng.lognormal(3, 0.5, size=n)
+        s = stats.summarize(x)
+        assert s.ci[0] <= s.median <= s.ci[1]
+        assert s.ci[0] >= x.min() and s.ci[1] <= x.max()
+        assert stats.summarize(x) == s  # fixed seed: same CI every time
+        assert stats.summarize(list(x)[::-1]).median == s.median
+    assert stats.bootstrap_ci([4.0, 4.0, 4.0]) == (4.0, 4.0)
+    assert stats.bootstrap_ci([]) is None
+    assert stats.summarize([]).n == 0 and stats.summarize([None, float("nan")]).n == 0
+
+
+def test_summary_fields():
+    s = stats.summarize([10, 12, 14, 11, 50])
+    assert s.n == 5 and s.median == 12 and s.mean == pytest.approx(19.4)
+    assert s.stdev == pytest.approx(17.16974, rel=1e-5)
+    assert s.cv == pytest.approx(s.stdev / s.mean)
+    assert s.p95 == pytest.approx(42.8)  # linear interpolation, as results.percentile
+    assert (s.min, s.max) == (10, 50)
+
+
+def test_mann_whitney_hand_computed():
+    # two clearly separated samples of 10: U = 0, mu = 50, sigma = sqrt(10*10*21/12) = 13.229;
+    # z = (50 - 0.5) / 13.229 = 3.7418 -> p = 2 * (1 - Phi(3.7418)) = 0.000183
+    mw = stats.mann_whitney(range(10), range(10, 20))
+    assert mw.method == "normal" and mw.u == 0
+    assert mw.p == pytest.approx(0.000183, abs=2e-6)
+    assert stats.mann_whitney(range(10, 20), range(10)).p == pytest.approx(mw.p)  # two-sided
+    # identical samples: no evidence of a difference
+    assert stats.mann_whitney(range(10), range(10)).p == 1.0
+    assert stats.mann_whitney([5.0] * 10, [5.0] * 10).p == 1.0
+    # tiny samples without ties: exact, P(U = 0) = 1 / C(6, 3) = 1/20, two-sided 0.1
+    small = stats.mann_whitney([1, 2, 3], [4, 5, 6])
+    assert small.method == "exact" and small.p == pytest.approx(0.1)
+    # ties: average ranks and the tie-corrected variance (scipy.stats.mannwhitneyu gives 0.2310455)
+    tied = stats.mann_whitney([1, 2, 2, 3, 9], [2, 4, 5, 6, 7, 8])
+    assert tied.method == "normal" and tied.u == 8 and tied.p == pytest.approx(0.2310455, abs=1e-6)
+    assert stats.mann_whitney([], [1, 2]) is None
+
+
+def test_compare_difference_of_medians():
+    c = stats.compare([10, 12, 14], [100, 110, 120])
+    assert c.diff == 98 and c.diff_ci[0] <= 98 <= c.diff_ci[1]
+    assert c.rel_pct == pytest.approx(98 / 12 * 100) and c.rel_ci[0] <= c.rel_pct <= c.rel_ci[1]
+    assert c.p == pytest.approx(0.1)
+    assert stats.compare([], [1.0]).diff is None
+
+
+def test_tukey_fences_and_fit():
+    f = stats.tukey([1, 2, 3, 4, 100])
+    assert f.flagged == (4,) and (f.low, f.high) == (-1.0, 7.0)
+    assert stats.tukey([1, 2, 3]) is None  # too few to judge
+    fit = stats.linear_fit([0, 100, 200, 300], [5, 15, 25, 35])
+    assert fit.slope == pytest.approx(0.1) and fit.intercept == pytest.approx(5) and fit.r2 == pytest.approx(1)
+    assert stats.linear_fit([5, 5], [1, 2]) is None
+
+
+def test_fmt_p():
+    assert stats.fmt_p(0.5) == "0.500" and stats.fmt_p(0.000183) == "1.83e-04" and stats.fmt_p(1e-9) == "< 1e-6"
+
+
+# ---------------------------------------------------------------- roofline
+
+
+def _roof_cell(gpu_name=None, ngl=99, **model):
+    m = {"params": 1_000_000_000, "quant": "f16", "n_layers": 24, "hidden_size": 2048}
+    m.update(model)
+    prov = {"host": {"cpus": 16}}
+    if gpu_name:
+        prov["gpu"] = {"name": gpu_name}
+    return {"model": m, "provenance": prov,
+            "runtime": {"effective": {"n_gpu_layers": ngl, "n_threads": 4, "n_threads_batch": 8}}}
+
+
+def test_roofline_known_case_h100():
+    # 1e9 params, f16, 24 layers, hidden 2048; 512 tokens recomputed from scratch:
+    # FLOPs = 2e9 * 512 + 4 * 24 * 2048 * 512 * (0 + 513/2) = 1.024e12 + 2.5820e10 = 1.0498e12
+    # compute = 1.0498e12 / 989e12 = 1.0615 ms; memory = 2e9 B / 3.35e12 B/s = 0.597 ms
+    f, why = roofline.floor(_roof_cell("NVIDIA H100 80GB HBM3"), 512, 0)
+    assert why == "" and f.device.name == "H100 SXM"
+    assert f.flops == pytest.approx(1.024e12 + 4 * 24 * 2048 * 512 * 256.5)
+    assert f.attention_flops == pytest.approx(2.58201e10, rel=1e-5)
+    assert f.compute_ms == pytest.approx(1.0615, abs=1e-4)
+    assert f.memory_ms == pytest.approx(0.5970, abs=1e-4)
+    assert f.ms == f.compute_ms and f.bound == "compute"
+    # a handful of tokens after a long cached prefix is memory bound
+    small, _ = roofline.floor(_roof_cell("NVIDIA H200"), 4, 1000)
+    assert small.device.name == "H200" and small.bound == "memory"
+    assert small.ms == pytest.approx(2e9 / 4.8e12 * 1e3)
+
+
+def test_roofline_weights_devices_and_reasons():
+    q8, _ = roofline.floor(_roof_cell("NVIDIA A100-SXM4-40GB", quant="q8_0"), 1, 0)
+    assert q8.device.name == "A100 40GB" and q8.bytes == pytest.approx(1e9 * 1.0625)
+    assert roofline.device_peak(_roof_cell("NVIDIA L4"))[0].name == "L4"
+    assert roofline.device_peak(_roof_cell("NVIDIA A100 80GB PCIe"))[0].name == "A100 80GB"
+    assert roofline.device_peak(_roof_cell("NVIDIA H100 PCIe"))[0].name == "H100 PCIe"
+    unknown, why = roofline.floor(_roof_cell("NVIDIA GeForce RTX 4090"), 10)
+    assert unknown is None and "not in the peak table" in why
+    # GPU in the box but no layers offloaded: a CPU run, estimated from the prompt-processing threads
+    cpu, _ = roofline.device_peak(_roof_cell("NVIDIA H100 80GB HBM3", ngl=0))
+    assert cpu.source == "estimate" and cpu.flops == pytest.approx(8 * roofline.CPU_GFLOPS_PER_CORE * 1e9)
+    measured = _roof_cell()
+    measured["provenance"].update(cpu_peak_gflops=500.0, cpu_peak_gbps=50.0)
+    peak, _ = roofline.device_peak(measured)
+    assert peak.source == "measured" and (peak.flops, peak.bandwidth) == (500e9, 50e9)
+    no_shape = _roof_cell()
+    del no_shape["model"]["n_layers"]
+    f, _ = roofline.floor(no_shape, 100)
+    assert f.attention_flops == 0 and any("attention FLOPs left out" in n for n in f.notes)
+    assert roofline.floor({"model": {}, "provenance": {"host": {"cpus": 2}}}, 10) == (None, "model.params not recorded")
+
+
+# ---------------------------------------------------------------- trial order, cascade, outliers, device state
+
+
+def test_order_text():
+    order = ["cache_hit:0w", "cache_miss:0w"] + [f"{c}:{i}" for i in range(10) for c in ("cache_hit", "cache_miss")]
+    assert order_text(order).startswith("interleaved: 1 warm-up round (hit, miss), then hit, miss × 10 "
+                                        "(hit:0w, miss:0w, hit:0, miss:0, …; 22 queries)")
+    assert order_text([]) == "not recorded"
+    assert order_text([f"{c}:{i}" for c in ("cache_hit", "cache_miss") for i in range(3)]).startswith("blocked")
+
+
+def test_cascade_attributes_warmups_to_the_previous_query():
+    row = build_rows([invalidation_cell("3a", "llamacpp_http", 512, 256, seed=1, warm_tokens=True)])[0]
+    c, why = cascade(row)
+    assert why == "" and c.excluded == 2  # the cold first query and the warm-up trial after it
+    # interleaved: every hit's warm-up follows a miss and vice versa
+    assert [t["trial"] for t in c.after["miss"]] == list(range(10)) and all(
+        t in row.trials["hit"] for t in c.after["miss"])
+    assert c.summary("miss").median > 10 * c.summary("hit").median
+    assert c.tokens("miss") == (4, 791 - 4) and c.tokens("hit") == (790, 1)
+    no_order = dict(row.cell)
+    del no_order["order"]
+    assert cascade(build_rows([no_order])[0]) == (None, "no trial order recorded")
+
+
+def test_outliers_flag_the_slow_trial_without_dropping_it():
+    doc = invalidation_cell("3a", "llamacpp_http", 512, 256, seed=1)
+    found = [o for o in outliers([doc]) if o.condition == "miss"]
+    assert [o.trial for o in found] == [7] and found[0].value > found[0].high
+    assert build_rows([doc])[0].summary("miss").n == 10  # still counted
+
+
+def test_device_state_and_clock_drop():
+    doc = invalidation_cell("3a", "llamacpp_http", 512, 256, seed=1, throttle=5)
+    st = device_state(doc)
+    assert st.has_data and st.range("sm_clock_mhz") == (1400.0, 1980.0) and len(st.settle) == 1
+    assert [(cond, trial) for cond, trial, _, _ in st.drops] == [("miss", 1)]  # plan index 5 = cache_miss:1
+    assert not device_state(invalidation_cell("3b", "llamacpp_python", 512, 256, seed=2, gpu=False)).has_data
+
+
+def test_recompute_points_use_engine_counts_only():
+    docs = full_run_docs()
+    points, skipped = recompute_points(docs)
+    assert skipped == 0 and len(points) == 4 * 20 + 2 * 25
+    assert {p.source for p in points} == {"hit", "miss", "scan"}
+    docs[0]["cache_hit"]["trials"][3]["cached_tokens"] = None
+    assert recompute_points(docs)[1] == 1
+
+
+# ---------------------------------------------------------------- the report
 
 
 def test_report_written_with_header(run_dir):
@@ -103,43 +452,51 @@ def test_report_written_with_header(run_dir):
     assert "Runs: demo" in text
     assert "Cells: 4 (3 ok, 1 failed)" in text
     assert "Generated: " in text
+    assert "10,000 resamples" in text and "Mann-Whitney U" in text and "Tukey" in text
 
 
-def test_main_table_rows_and_values(run_dir):
-    rows = table_rows(section(write_report([run_dir]).read_text(), "Results"))
+def test_main_table_rows_and_values(report_text):
+    text = section(report_text, INVALIDATION)
+    header = table_header(text)
+    rows = [dict(zip(header, r, strict=True)) for r in table_rows(text)]
     # phase 1 before 3a; within 3a the config with the larger A first
-    assert [(r[0], r[1], r[2]) for r in rows] == [
+    assert [(r["Phase"], r["Backend"], r["A/B (tok)"]) for r in rows] == [
         ("1", "vllm_http", "512/256"), ("3a", "llamacpp_http †", "512/256"), ("3a", "llamacpp_http", "256/512"),
     ]
     vllm, llama = rows[0], rows[1]
-    assert vllm[3] == "6.0 ± 1.0" and vllm[4] == "44.0 ± 4.0"
-    assert vllm[5] == "+633.3"  # (44 - 6) / 6
-    assert llama[3] == "12.0 ± 2.0" and llama[4] == "110.0 ± 10.0"
-    assert llama[5] == "+816.7"
-    assert llama[6] == "7.0 / 105.0"  # non-streaming medians (TTFT - 5)
-    assert llama[7] == "5.0 / 5.0"  # overhead medians
-    assert llama[8] == "52.0"  # throughput of measured trials 1..3 -> 51, 52, 53
-    assert llama[9] == "202.0 / 202.0"
-    assert llama[10] == "2/3" and llama[11] == "3/3"
-    assert llama[12] == "3 + 1"
+    assert vllm["Hit TTFT (ms) median [95% CI]"] == "6.0 [5.0, 7.0]"
+    assert vllm["Miss TTFT (ms) median [95% CI]"] == "44.0 [40.0, 48.0]"
+    assert vllm["Degradation mean (%)"] == "+633.3"  # (44 - 6) / 6
+    assert vllm["Miss − hit (ms) [95% CI]"].startswith("+38.0 [")
+    assert vllm["p (Mann-Whitney)"] == "0.100 (exact)"  # 3 vs 3, no ties: 2 / C(6, 3)
+    assert llama["Degradation (%) median [95% CI]"].startswith("+816.7 [")  # (110 - 12) / 12
+    assert llama["Degradation mean (%)"] == "+816.7"
+    assert llama["Non-stream TTFT hit / miss (ms)"] == "7.0 / 105.0"  # non-streaming medians (TTFT - 5)
+    assert llama["Overhead hit / miss (ms)"] == "5.0 / 5.0"
+    assert llama["Throughput hit (tok/s)"] == "52.0"  # measured trials 1..3 -> 51, 52, 53
+    assert llama["Warm-up before hit / miss (ms)"] == "202.0 / 202.0"
+    assert llama["Verified hit"] == "2/3" and llama["Verified miss"] == "3/3"
+    assert llama["Trials (measured + warm-up)"] == "3 + 1"
+    assert llama["Miss / floor"] == "—"  # the fixture's model records no params
+    assert "Trial order (all 3 cells): not recorded." in text
 
 
-def test_unverified_trial_listed_and_footnoted(run_dir):
-    text = write_report([run_dir]).read_text()
+def test_unverified_trial_listed_and_footnoted(report_text):
+    text = report_text
     rows = table_rows(section(text, "Unverified trials"))
     assert rows == [["phase3a-llamacpp_http-512x256", "hit", "2", "0", "512", "1"]]
-    assert "† The statistics of this row include 1 unverified" in section(text, "Results")
+    assert "Verified measured trials over all ok cells: 17/18." in text
+    assert "† The statistics of this row include 1 unverified" in section(text, INVALIDATION)
 
 
-def test_failed_cell_listed(run_dir):
-    rows = table_rows(section(write_report([run_dir]).read_text(), "Failed cells"))
+def test_failed_cell_listed(report_text):
+    rows = table_rows(section(report_text, "Failed cells"))
     assert rows == [["phase3b-llamacpp_python-512x256", "failed", "engine exited with code 1 (see logs/x.log)"]]
 
 
-def test_parity_lists_differing_keys_and_mismatches(run_dir):
-    text = section(write_report([run_dir]).read_text(), "Settings parity")
-    header = [ln for ln in text.splitlines() if ln.startswith("|")][0]
-    assert [c.strip() for c in header.strip("|").split("|")] == ["cell", "n_threads"]
+def test_parity_lists_differing_keys_and_mismatches(report_text):
+    text = section(report_text, "Settings parity")
+    assert table_header(text) == ["cell", "n_threads"]
     assert {r[0]: r[1] for r in table_rows(text.split("Requested")[0])} == {
         "phase1-vllm_http-512x256": "8", "phase3a-llamacpp_http-256x512": "2", "phase3a-llamacpp_http-512x256": "2",
     }
@@ -153,34 +510,94 @@ def test_parity_all_equal():
     assert par.keys == [] and par.compared == 5 and par.mismatches == []
 
 
-def test_provenance_table(run_dir):
-    rows = table_rows(section(write_report([run_dir]).read_text(), "Provenance"))
+def test_provenance_table(report_text):
+    rows = table_rows(section(report_text, "Provenance"))
     assert ["phase1-vllm_http-512x256", "vllm_http", "llama_cpp_commit=0c1e570", "-DGGML_NATIVE=OFF",
-            "tiny", "abababababab", "box / Xeon"] in rows
+            "tiny", "abababababab", "box / Xeon", "CPU"] in rows
 
 
-def test_figures_are_pngs_and_embedded(run_dir, tmp_path):
+def test_figures_are_pngs_and_svgs_and_embedded(run_dir, tmp_path):
     out = tmp_path / "out"
     text = write_report([run_dir], out).read_text()
-    for name in ("ttft_hit_vs_miss.png", "three_panel.png"):
-        png = out / "figures" / name
-        data = png.read_bytes()
-        assert len(data) > 1000 and data.startswith(PNG_MAGIC)
-        assert f"](figures/{name})" in text
+    for name in ("fig1_invalidation_cost", "experiment1_results", "three_panel"):
+        png = out / "figures" / f"{name}.png"
+        assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 1000
+        assert b"<svg" in (out / "figures" / f"{name}.svg").read_bytes()[:500]
+        assert f"](figures/{name}.png)" in text and f"](figures/{name}.svg)" in text
     assert not (run_dir / "report.md").exists()
     assert "non-streaming TTFT for 1 vllm_http" in text
 
 
+def test_full_run_produces_every_figure(full_report):
+    out, text = full_report
+    for name in ALL_FIGURES:
+        png, svg = out / "figures" / f"{name}.png", out / "figures" / f"{name}.svg"
+        assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 10_000, name
+        assert b"<svg" in svg.read_bytes()[:500], name
+        assert f"](figures/{name}.png)" in text, name
+    assert "skipped (" not in text
+    assert len(ALL_FIGURES) == 8
+
+
+def test_full_run_report_sections(full_report):
+    _, text = full_report
+    inv = section(text, INVALIDATION)
+    assert "interleaved: 1 warm-up round (hit, miss), then hit, miss × 10" in inv
+    header = table_header(inv)
+    rows = [dict(zip(header, r, strict=True)) for r in table_rows(inv)]
+    assert len(rows) == 4 and all(r["p (Mann-Whitney)"] == "1.83e-04" for r in rows)
+    assert all(r["Miss / floor"].endswith("×") for r in rows)
+    assert "### Statistics per condition" in inv and "### Warm-up cascade" in inv
+    assert "fig4_cascade.png" in inv and "fig1_invalidation_cost.png" in inv
+    scan = section(text, "Recompute scan: TTFT vs recomputed tokens")
+    assert len(table_rows(scan)) == 10 and "Slope (ms/token)" in scan and "fig2_ttft_vs_recomputed.png" in scan
+    fit = {r[0]: r for r in table_rows(scan.split("Least-squares fit")[1])}
+    assert set(fit) == {"llamacpp_http", "llamacpp_python/chat"}
+    sweep = section(text, "Batch sweep: cache-miss TTFT vs n_batch")
+    sweep_rows = table_rows(sweep)
+    assert [(r[0], r[1]) for r in sweep_rows][:5] == [("llamacpp_http", str(n)) for n in (64, 128, 256, 512, 2048)]
+    assert "fig5_miss_ttft_vs_nbatch.png" in sweep
+    roof = section(text, "Roofline floor")
+    assert "H100 SXM" in roof and "CPU, 8 threads *" in roof and "FLOPs = 2 · params · r" in roof
+    flagged = [r[:3] for r in table_rows(section(text, "Outlier trials"))]
+    assert ["phase3a-llamacpp_http-512x256", "miss", "7"] in flagged  # the slow miss, flagged, kept
+    dev = section(text, "Device state (NVML)")
+    assert "1400–1980" in dev and "no NVML data (CPU run)" in dev and "Clock drops" in dev
+    figs = section(text, "Figures")
+    assert all(f"`{n}.png`" in figs or f"{n}.png" in figs for n in ALL_FIGURES)
+    assert "python -m kvmatrix.analysis.figures DIR" in figs
+
+
+def test_cpu_only_run_says_no_nvml(report_text):
+    text = report_text
+    assert "No NVML data (CPU run)" in section(text, "Device state (NVML)")
+
+
+def test_skipped_figures_say_why(run_dir, tmp_path):
+    out = tmp_path / "out"
+    stale = out / "figures" / "fig5_miss_ttft_vs_nbatch.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(PNG_MAGIC)
+    text = write_report([run_dir], out).read_text()
+    assert not stale.exists()  # no stale figure from an earlier report
+    assert "Miss TTFT vs n_batch: skipped (no ok batch_sweep cell with cache-miss TTFT trials)" in text
+    # the fixture's cells have no trial order: the cascade says so
+    assert "fig4_cascade.png`, `.svg` — Warm-up cascade: warm-up after a miss vs after a hit: skipped (no trial " \
+           "order recorded)" in text
+    assert "No ok recompute_scan cells; the fit below uses the invalidation trials only." in text
+
+
 def test_figures_skipped_without_data(tmp_path):
-    results = make_figures([], tmp_path / "figures")
-    assert [r.path for r in results] == [None, None] and all(r.note for r in results)
+    results = make_figures(build_evidence([]), tmp_path / "figures")
+    assert [r.name for r in results] == ALL_FIGURES
+    assert all(r.path is None and r.note for r in results)
     assert not (tmp_path / "figures").exists()
 
 
 def test_only_failed_cells_reports_skipped_figures(tmp_path):
     folder = write_cells(tmp_path / "r", [failed_cell("3a", "llamacpp_http", "boom")])
     text = write_report([folder]).read_text()
-    assert "No ok cells" in text and "skipped (" in text and "boom" in text
+    assert "No ok invalidation cells" in text and "skipped (" in text and "boom" in text
 
 
 def test_merges_dirs_and_disambiguates_runs(tmp_path):
@@ -188,13 +605,29 @@ def test_merges_dirs_and_disambiguates_runs(tmp_path):
     d2 = write_cells(tmp_path / "r2", [cell("3a", "llamacpp_http", 512, 256, [11, 13], [51, 61], run="r2")])
     text = write_report([d1, d2, d1]).read_text()  # d1 twice: its cell counted once
     assert "Cells: 2 (2 ok, 0 failed)" in text and "Runs: r1, r2" in text
-    labels = [r[1] for r in table_rows(section(text, "Results"))]
+    labels = [r[1] for r in table_rows(section(text, INVALIDATION))]
     assert labels == ["llamacpp_http (r1)", "llamacpp_http (r2)"]
 
 
 def test_label_names_the_row():
     docs = [cell("3b", "llamacpp_python", 512, 256, [1, 2], [3, 4], label="llamacpp_python/low-level")]
     assert build_rows(docs)[0].series == "llamacpp_python/low-level"
+
+
+def test_version_text_per_engine():
+    from kvmatrix.analysis.summary import version_text
+
+    prov = {"llama_cpp_commit": "0c1e570", "llama_cpp_python_version": "0.3.36", "vllm_version": "0.11.0"}
+    assert version_text({"backend": "llamacpp_http", "provenance": prov}) == "llama.cpp 0c1e570"
+    assert version_text({"backend": "llamacpp_python", "provenance": {**prov, "build_variant": "wheel"}}) == \
+        "llama.cpp 0c1e570, bindings 0.3.36, wheel"
+    assert version_text({"backend": "vllm_http", "provenance": prov}) == "vLLM 0.11.0"
+    assert version_text({"backend": "x", "provenance": {"engine_version": "b4000"}}) == "b4000"
+
+
+def test_rows_are_invalidation_cells_only():
+    rows = build_rows(full_run_docs())
+    assert len(rows) == 4 and {r.cell["experiment"] for r in rows} == {"invalidation"}
 
 
 def test_ttft_split_uses_engine_time_else_non_streaming():
@@ -212,6 +645,14 @@ def test_unverified_ignores_warmup():
     assert unverified_trials(doc) == []
 
 
+def test_unverified_covers_scan_and_sweep():
+    docs = full_run_docs()
+    docs[4]["scan"][1]["trials"][0]["cache_verified"] = False
+    docs[6]["cache_miss"]["trials"][2]["cache_verified"] = False
+    found = [(u.cell_id, u.condition) for d in docs for u in unverified_trials(d)]
+    assert found == [("phase3a-llamacpp_http-scan", "scan kept=200"), ("phase3a-llamacpp_http-nb64", "cache_miss")]
+
+
 def test_no_cells_error(tmp_path):
     with pytest.raises(NoCellsError, match="no result cells in .*run nox -s phase3a first"):
         write_report([tmp_path])
@@ -227,7 +668,53 @@ def test_cli(run_dir, tmp_path, capsys):
 
 def test_cli_module_entry(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kvmatrix.analysis.report", str(tmp_path)],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+                          capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"kvmatrix: error: no result cells in {tmp_path}; run nox -s phase3a first "
                                    "or pass the folder that holds the *.json")
+
+
+def test_figures_cli_regenerates_without_report(full_run, tmp_path, capsys):
+    out = tmp_path / "figs"
+    assert figures_mod.main([str(full_run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.split()
+    for name in ALL_FIGURES:
+        assert str(out / "figures" / f"{name}.png") in printed and str(out / "figures" / f"{name}.svg") in printed
+    assert not (out / "report.md").exists()
+    svg = (out / "figures" / "fig2_ttft_vs_recomputed.svg").read_bytes()
+    (out / "figures" / "fig2_ttft_vs_recomputed.png").unlink()
+    assert figures_mod.main([str(full_run), "--out", str(out)]) == 0
+    assert (out / "figures" / "fig2_ttft_vs_recomputed.png").exists()
+    assert (out / "figures" / "fig2_ttft_vs_recomputed.svg").read_bytes() == svg  # same results, same file
+
+
+def test_figures_cli_module_entry(run_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "kvmatrix.analysis.figures", str(run_dir), "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped fig5_miss_ttft_vs_nbatch: no ok batch_sweep cell" in proc.stdout
+    assert (tmp_path / "figures" / "fig1_invalidation_cost.svg").exists()
+    empty = subprocess.run([sys.executable, "-m", "kvmatrix.analysis.figures", str(tmp_path / "none")],
+                           capture_output=True, text=True, cwd=REPO)
+    assert empty.returncode == 2 and empty.stderr.startswith("kvmatrix: error: no result cells in ")
+
+
+def test_analysis_never_imports_a_backend():
+    for path in (REPO / "kvmatrix" / "analysis").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in names if m.startswith(("kvmatrix.runners.backends", "kvmatrix.runners.experiments",
+                                                      "kvmatrix.matrix", "scipy"))], path.name
+    code = ("import sys, kvmatrix.analysis.report, kvmatrix.analysis.figures; "
+            "print([m for m in sys.modules if m.startswith(('kvmatrix.runners.backends', "
+            "'kvmatrix.runners.experiments', 'scipy', 'llama_cpp', 'vllm'))])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_cells_json_roundtrip_is_what_the_report_reads(full_run):
+    # the fixture files are plain JSON as the runner writes them (no Python objects)
+    for f in full_run.glob("*.json"):
+        assert isinstance(json.loads(f.read_text()), dict)
+    assert math.isfinite(build_rows(full_run_docs())[0].comparison().p)

