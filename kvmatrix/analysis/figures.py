@@ -203,6 +203,19 @@ NO_INVALIDATION = "no ok invalidation cell with streaming TTFT trials"
 # ---------------------------------------------------------------- fig1: hit vs miss per config
 
 
+def series_color(i: int, n: int):
+    """Distinct colours: the default cycle up to 10 series, the 20-colour table beyond."""
+    if n <= 10:
+        return f"C{i}"
+    from matplotlib import colormaps  # noqa: PLC0415
+
+    return colormaps["tab20"](i % 20)
+
+
+def series_linestyle(i: int) -> str:
+    return ("-", "--", ":", "-.")[(i // 20) % 4]
+
+
 def fig1_invalidation_cost(ev: Evidence) -> Figure | str:
     """Grouped bars: x = config, per backend a hit and a miss bar (median, 95 % CI)."""
     rows = _ttft_rows(ev)
@@ -210,7 +223,7 @@ def fig1_invalidation_cost(ev: Evidence) -> Figure | str:
         return NO_INVALIDATION
     configs = sorted({(r.a, r.b) for r in rows}, key=lambda ab: config_key(*ab))
     series = list(dict.fromkeys(r.name for r in rows))
-    colors = {name: f"C{i % 10}" for i, name in enumerate(series)}
+    colors = {name: series_color(i, len(series)) for i, name in enumerate(series)}
     by_key = {(r.name, (r.a, r.b)): r for r in rows}
     summaries = [r.summary(c) for r in rows for c in ("hit", "miss")]
     log = _is_log([s.median for s in summaries if s.median])
@@ -565,7 +578,7 @@ def fig2_ttft_vs_recomputed(ev: Evidence) -> Figure | str:
     handles = []
     xmax = max(p.recomputed for p in points)
     for i, name in enumerate(series):
-        color = f"C{i % 10}"
+        color = series_color(i, len(series))
         pts = [p for p in points if p.series == name]
         for source, (marker, _) in SOURCE_MARKERS.items():
             sel = [p for p in pts if p.source == source]
@@ -578,11 +591,11 @@ def fig2_ttft_vs_recomputed(ev: Evidence) -> Figure | str:
             label = f"{name}: no fit (one recomputed-token value), n = {len(pts)}"
         else:
             ax.plot([0, xmax * 1.02], [fit.intercept, fit.intercept + fit.slope * xmax * 1.02], color=color,
-                    linewidth=1.2)
+                    linewidth=1.2, linestyle=series_linestyle(i))
             r2 = "n/a" if fit.r2 is None else f"{fit.r2:.3f}"
             label = (f"{name}: slope {fit.slope:.3g} ms/token, intercept {fit.intercept:.3g} ms,\n"
                      f"R² = {r2}, n = {fit.n}")
-        handles.append(Line2D([], [], color=color, marker="o", linewidth=1.2, label=label))
+        handles.append(Line2D([], [], color=color, marker="o", linewidth=1.2, linestyle=series_linestyle(i), label=label))
     handles += [Line2D([], [], color="grey", marker=m, linestyle="none", markerfacecolor="none" if s == "hit"
                        else "grey", label=lab) for s, (m, lab) in SOURCE_MARKERS.items()
                 if any(p.source == s for p in points)]
@@ -728,7 +741,7 @@ def fig5_miss_ttft_vs_nbatch(ev: Evidence) -> Figure | str:
     handles = []
     floors = False
     for i, name in enumerate(series):
-        color = f"C{i % 10}"
+        color = series_color(i, len(series))
         sel = sorted((p for p in pts if p.series == name), key=lambda p: p.n_batch)
         x = [p.n_batch for p in sel]
         y = [p.summary.median for p in sel]

@@ -53,13 +53,16 @@ def write_report(dirs: list[Path], out: Path | None = None) -> Path:
     out = Path(out) if out is not None else dirs[0]
     ev = build_evidence(cells)
     figures = make_figures(ev, out / "figures")
-    return write_text_atomic(out / "report.md", render(ev, figures))
+    notes = out / "findings.md"  # a hand-written reading of these numbers, kept across regenerations
+    findings = notes.read_text() if notes.is_file() else None
+    return write_text_atomic(out / "report.md", render(ev, figures, findings))
 
 
-def render(ev: Evidence, figures: list[FigureResult]) -> str:
-    """The whole report.md text."""
+def render(ev: Evidence, figures: list[FigureResult], findings: str | None = None) -> str:
+    """The whole report.md text; ``findings`` (markdown) goes right after the header."""
     parts = [
         _header(ev.cells),
+        *([findings] if findings else []),
         _figure_list(figures),
         _invalidation_section(ev, figures),
         _scan_section(ev, figures),
@@ -358,10 +361,10 @@ def _scan_section(ev: Evidence, figures: list[FigureResult]) -> str:
                 "R²": NA if fit is None or fit.r2 is None else f"{fit.r2:.3f}",
             })
         parts.append("Least-squares fit of TTFT against recomputed tokens (prompt − engine-reported cached), "
-                     "every measured trial:\n\n" + _table(fits))
+                     "every measured, engine-verified trial; one line per backend, model and TTFT-relevant settings:\n\n" + _table(fits))
     if skipped:
-        parts.append(f"{skipped} measured trial(s) left out of the fit: no engine-reported cached-token count "
-                     "or no prompt size.")
+        parts.append(f"{skipped} measured trial(s) left out of the fit: no engine-reported cached-token count, "
+                     "no prompt size, or a cached count that failed verification (see Unverified trials).")
     parts += _embed(figures, "recompute_scan")
     return "\n\n".join(parts)
 

@@ -335,7 +335,19 @@ SERIES_ATTRS = {
     if (c.get("config") or {}).get("context_size_a") is not None else None,
     "run": lambda c: c.get("run") and f"run {c.get('run')}",
     "cell": lambda c: c.get("cell_id"),
+    "settings": lambda c: _settings_text(c),
 }
+
+
+def _settings_text(cell: dict) -> str | None:
+    """The runtime settings that change TTFT between otherwise equal cells (flash attention, RAM cache)."""
+    req = (cell.get("runtime") or {}).get("requested") or {}
+    if not req:
+        return None
+    parts = [f"FA {'on' if req.get('flash_attn') else 'off'}"]
+    if req.get("cache_ram_mib"):
+        parts.append(f"cache-ram {req['cache_ram_mib']}")
+    return ", ".join(parts)
 
 
 def series_names(cells: list[dict], attrs: tuple[str, ...]) -> list[str]:
@@ -490,9 +502,10 @@ class TrialPoint:
 
 def recompute_points(cells: list[dict]) -> tuple[list[TrialPoint], int]:
     """(points, trials left out) over the measured trials of invalidation (hit and miss) and
-    recompute_scan cells; a trial without an engine-reported cached count is left out."""
+    recompute_scan cells, one series per backend, model and TTFT-relevant settings; a trial
+    without an engine-reported cached count, or whose count was not verified, is left out."""
     ok = [c for c in cells if is_ok(c) and experiment_of(c) in ("invalidation", "recompute_scan")]
-    names = series_names(ok, ("phase", "model"))
+    names = series_names(ok, ("phase", "model", "settings"))
     points, skipped = [], 0
     for c, name in zip(ok, names, strict=True):
         for cond, trials in trial_blocks(c):
@@ -500,7 +513,7 @@ def recompute_points(cells: list[dict]) -> tuple[list[TrialPoint], int]:
             for t in measured(trials):
                 toks = trial_tokens(t, allow_expected=False)
                 y = finite(t.get("ttft_ms"))
-                if toks is None or y is None:
+                if toks is None or y is None or t.get("cache_verified") is False:
                     skipped += 1
                     continue
                 points.append(TrialPoint(name, source, toks[0], y, str(c.get("cell_id"))))
