@@ -63,17 +63,27 @@ def report(session):
 
 @nox.session
 def demo(session):
-    """The embedded default end to end: build, tiny model, phases 1, 2, 3a, 3b, report."""
+    """The embedded default end to end: build, tiny model, phases 1, 2, 3a, 3b, scan + sweep, report."""
     session.install("-e", ".[analysis]")
-    out = "results/demo"
     args = list(session.posargs)
-    if "--out" in args:
-        out = args[args.index("--out") + 1]
-    else:
+    out = args[args.index("--out") + 1] if "--out" in args else "results/demo"
+    if "--out" not in args:
         args += ["--out", out]
+    shared = [a for i, a in enumerate(args) if a in ("--out", "--model", "--llama-source")
+              or (i and args[i - 1] in ("--out", "--model", "--llama-source"))]
     session.run("python", "-m", "kvmatrix.matrix", "run", "--phases", "1,2,3a,3b", "--run-name", "demo", *args)
+    session.run("python", "-m", "kvmatrix.matrix", "run", "--phases", "3a,3b", "--bindings-api", "chat",
+                "--experiments", "recompute_scan,batch_sweep", "--config", "256/128", "--trials", "3",
+                "--batch-sizes", "64,256,2048", "--run-name", "demo", *shared)
     session.run("python", "-m", "kvmatrix.analysis.report", out)
     session.log(f"report: {out}/report.md")
+
+
+@nox.session
+def figures(session):
+    """Regenerate figures from existing results without rerunning anything: -- DIR [DIR ...]."""
+    session.install("-e", ".[analysis]")
+    session.run("python", "-m", "kvmatrix.analysis.figures", *session.posargs)
 
 
 @nox.session
