@@ -8,7 +8,6 @@ they build the "model" venv once in the session's cache and then generate
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -67,6 +67,7 @@ class LlamaBuild:
             "build_flags": self.cmake_flags,
             "build_cuda": self.cuda,
             "compiler": self.compiler,
+            "nvcc": self.info.get("nvcc"),
             "build_dir": str(self.build_dir),
         }
 
@@ -206,7 +207,7 @@ def ensure_build(source: LlamaSource, cuda: str = "auto", jobs: int | None = Non
     if not (build_dir / "bin" / "llama-server").is_file() or not (build_dir / "bin" / "libllama.so").is_file():
         fail(f"llama.cpp build finished without bin/llama-server or bin/libllama.so; see {log}")
     info = {"compiler": _compiler(build_dir), "build_seconds": round(seconds, 1), "cmake_flags": flags,
-            "commit": source.commit, "cuda": has_cuda, "cuda_arch": arch}
+            "commit": source.commit, "cuda": has_cuda, "cuda_arch": arch, "nvcc": _nvcc_version() if has_cuda else None}
     info_file.write_text(json.dumps(info, indent=1))
     envs.mark_complete(build_dir, info)
     say(f"llama.cpp build done in {seconds:.0f}s")
@@ -249,6 +250,15 @@ def _stream(cmd: list[str], log: Path, what: str) -> None:
         tail = "\n".join(log.read_text().splitlines()[-20:])
         print(tail, file=sys.stderr)
         fail(f"llama.cpp {what} failed (exit {rc}); full log: {log}")
+
+
+def _nvcc_version() -> str | None:
+    try:
+        out = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.strip().splitlines()
+    return lines[-1] if lines else None
 
 
 def _compiler(build_dir: Path) -> str:
