@@ -15,9 +15,7 @@ writes ``<out or first DIR>/figures/*.png`` and ``*.svg``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from kvmatrix.analysis.summary import (
     stat,
     version_text,
 )
+from kvmatrix.runners.results import atomic_target
 
 DPI = 150
 FORMATS = ("png", "svg")
@@ -98,18 +97,9 @@ def save(fig: Figure, path: Path) -> Path:
     """Write the figure atomically (temp file in the same folder, then rename); format from the suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        meta = {"Date": None} if fmt == "svg" else {}
-        with matplotlib.rc_context(STABLE_SVG):
-            fig.savefig(tmp, dpi=DPI, format=fmt, bbox_inches="tight", metadata=meta)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    meta = {"Date": None} if fmt == "svg" else {}
+    with atomic_target(path, suffix=path.suffix) as tmp, matplotlib.rc_context(STABLE_SVG):
+        fig.savefig(tmp, dpi=DPI, format=fmt, bbox_inches="tight", metadata=meta)
     return path
 
 

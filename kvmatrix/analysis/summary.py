@@ -393,17 +393,9 @@ def version_text(cell: dict) -> str:
 # ---------------------------------------------------------------- recompute_scan
 
 
-@dataclass
-class ScanPoint:
-    """One kept/recomputed split of a recompute_scan cell."""
-
-    cell_id: str
-    series: str
-    kept: int | None
-    recomputed: int | None
-    trials: list[dict] = field(repr=False)  # measured
-    cell: dict = field(default_factory=dict, repr=False)
-    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+class _MeasuredTrials:
+    """TTFT summary, verified count and roofline floor of a point's measured trials
+    (for dataclasses with ``trials``, ``cell`` and a ``_memo`` dict)."""
 
     @property
     def summary(self) -> Summary:
@@ -420,6 +412,20 @@ class ScanPoint:
         if "floor" not in self._memo:
             self._memo["floor"] = condition_floor(self.cell, self.trials)
         return self._memo["floor"]
+
+
+@dataclass
+class ScanPoint(_MeasuredTrials):
+    """One kept/recomputed split of a recompute_scan cell."""
+
+    cell_id: str
+    series: str
+    kept: int | None
+    recomputed: int | None
+    trials: list[dict] = field(repr=False)  # measured
+    cell: dict = field(default_factory=dict, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+
 
 
 def build_scan(cells: list[dict]) -> list[ScanPoint]:
@@ -440,7 +446,7 @@ def build_scan(cells: list[dict]) -> list[ScanPoint]:
 
 
 @dataclass
-class SweepPoint:
+class SweepPoint(_MeasuredTrials):
     """The cache-miss TTFT of one batch_sweep cell (one backend at one n_batch)."""
 
     cell_id: str
@@ -451,21 +457,6 @@ class SweepPoint:
     cell: dict = field(default_factory=dict, repr=False)
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
-    @property
-    def summary(self) -> Summary:
-        if "summary" not in self._memo:
-            self._memo["summary"] = summarize([t.get("ttft_ms") for t in self.trials])
-        return self._memo["summary"]
-
-    @property
-    def verified(self) -> str:
-        return f"{sum(1 for t in self.trials if t.get('cache_verified'))}/{len(self.trials)}"
-
-    @property
-    def floor(self) -> tuple[roofline.Floor | None, str]:
-        if "floor" not in self._memo:
-            self._memo["floor"] = condition_floor(self.cell, self.trials)
-        return self._memo["floor"]
 
 
 def _batch(cell: dict, key: str) -> int | None:

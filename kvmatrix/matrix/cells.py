@@ -24,6 +24,13 @@ PHASES: dict[str, list[tuple[str, str | None]]] = {
 
 
 EXPERIMENTS = ("invalidation", "recompute_scan", "batch_sweep")
+
+#: prefix_reuse (``kvmatrix prefix``): backend -> phase; one cell per (backend, prefix caching off/on)
+PREFIX_BACKENDS = {"llamacpp_http": "3a", "vllm_http": "1"}
+
+
+def prefix_cell_id(backend: str, caching: bool) -> str:
+    return f"prefix-{backend}-{'cache_on' if caching else 'cache_off'}"
 DEFAULT_BATCH_SIZES = (64, 128, 256, 512, 2048)
 
 

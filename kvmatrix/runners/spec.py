@@ -103,11 +103,13 @@ class ABConfig:
 
 DEFAULT_CONFIGS = (ABConfig(512, 256), ABConfig(384, 384), ABConfig(256, 512))
 
-EXPERIMENT_NAMES = ("invalidation", "recompute_scan", "batch_sweep")
+EXPERIMENT_NAMES = ("invalidation", "recompute_scan", "batch_sweep", "prefix_reuse")
 
 # Tokens the chat template and the generated output add around A+B+Q; a
 # config must leave this much room in the context.
 TEMPLATE_MARGIN = 64
+# prefix_reuse: prompt tokens beyond the shared prefix (BOS, "\nQ: <question>\nA:")
+PREFIX_QUESTION_MARGIN = 48
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,14 @@ class ExperimentSpec:
     max_output_tokens: int = 50
     seed: int = 1234
     scan_points: tuple[float, ...] | None = None  # recompute_scan: kept fractions of |A|+|B|
+    # prefix_reuse (runners/experiments/prefix_reuse.py): shared-prefix regimes in tokens, distinct
+    # questions per regime, client concurrency levels, shares of requests reusing the shared prefix,
+    # and an optional prompt-set JSONL replacing the generated one
+    prefix_regimes: tuple[int, ...] = (384, 1024)
+    variants: int = 20
+    concurrency: tuple[int, ...] = (1, 16)
+    reuse_mixes: tuple[float, ...] = (1.0, 0.5, 0.0)
+    prompts_file: str | None = None
 
     def validate(self, runtime: RuntimeSpec) -> None:
         if self.num_trials < 1:
@@ -130,6 +140,9 @@ class ExperimentSpec:
             raise SpecError("warmup trials and --settle-ms must be >= 0")
         if self.name not in EXPERIMENT_NAMES:
             raise SpecError(f"unknown experiment {self.name!r}; use one of {', '.join(EXPERIMENT_NAMES)}")
+        if self.name == "prefix_reuse":
+            self._validate_prefix(runtime)
+            return
         need = self.config.a + self.config.b + self.config.q + self.max_output_tokens + TEMPLATE_MARGIN
         per_slot = runtime.n_ctx // runtime.n_parallel
         if need > per_slot:
@@ -137,6 +150,24 @@ class ExperimentSpec:
                 f"config {self.config.label} needs {need} tokens (A+B+Q+{self.max_output_tokens} output"
                 f"+{TEMPLATE_MARGIN} template) but the context per slot is {per_slot}; "
                 f"use smaller A/B or a larger n_ctx"
+            )
+
+    def _validate_prefix(self, runtime: RuntimeSpec) -> None:
+        if self.variants < 1:
+            raise SpecError(f"--variants {self.variants}: need at least 1 question per prefix regime")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise SpecError(f"--concurrency {','.join(map(str, self.concurrency))}: every level must be >= 1")
+        if not self.reuse_mixes or any(not 0.0 <= m <= 1.0 for m in self.reuse_mixes):
+            raise SpecError("--reuse-mixes: give percentages between 0 and 100, such as 100,50,0")
+        if not self.prefix_regimes or min(self.prefix_regimes) < 1:
+            raise SpecError("prefix regimes must be positive token counts")
+        per_slot = runtime.n_ctx // runtime.n_parallel
+        need = max(self.prefix_regimes) + PREFIX_QUESTION_MARGIN + self.max_output_tokens
+        if need > per_slot:
+            raise SpecError(
+                f"a {max(self.prefix_regimes)}-token prefix needs {need} tokens (prefix+{PREFIX_QUESTION_MARGIN} "
+                f"question+{self.max_output_tokens} output) but the context per slot is {per_slot}; "
+                "use a shorter prefix or a larger --n-ctx"
             )
 
     def to_dict(self) -> dict:
@@ -148,8 +179,9 @@ class ExperimentSpec:
     def from_dict(cls, data: dict) -> ExperimentSpec:
         data = dict(data)
         data["config"] = ABConfig(**data["config"])
-        if data.get("scan_points") is not None:
-            data["scan_points"] = tuple(data["scan_points"])
+        for key in ("scan_points", "prefix_regimes", "concurrency", "reuse_mixes"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
         return cls(**data)
 
 

@@ -70,6 +70,28 @@ class HttpClient:
     def stream_chat(self, path: str, payload: dict) -> StreamResult:
         return self.loop.run_until_complete(self._stream(path, payload))
 
+    def stream_many(self, path: str, payloads: list[dict], concurrency: int) -> list[tuple[float, StreamResult | Exception]]:
+        """Stream ``payloads`` with at most ``concurrency`` requests in flight, through the same reader.
+
+        Returns, in payload order, (perf_counter when the request was sent, its
+        StreamResult) or (that time, the exception) for a request that failed,
+        so one failed request does not lose the others' measurements.
+        """
+        return self.loop.run_until_complete(self._many(path, payloads, max(1, concurrency)))
+
+    async def _many(self, path: str, payloads: list[dict], concurrency: int):
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(payload: dict):
+            async with gate:
+                sent = time.perf_counter()
+                try:
+                    return sent, await self._stream(path, payload)
+                except (TimeoutError, HttpError, aiohttp.ClientError, OSError) as exc:
+                    return sent, exc
+
+        return await asyncio.gather(*(one(p) for p in payloads))
+
     def timed_post(self, path: str, payload: dict) -> tuple[dict, float, float]:
         """Non-streaming POST; returns (body, seconds after connect, connect seconds)."""
         return self.loop.run_until_complete(self._timed_post(path, payload))

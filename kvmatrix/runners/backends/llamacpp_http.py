@@ -191,6 +191,63 @@ class LlamaCppHttp(Backend):
         )
 
 
+    # -- raw-prompt completions (the prefix_reuse client) ----------------------
+    def completion_request(self, prompt: str, max_tokens: int, slot: int | None = None) -> tuple[str, dict]:
+        """Streaming ``/v1/completions`` for a raw prompt: any free slot, or slot ``slot % n_parallel``.
+
+        Prefix caching is request-level here: ``cache_prompt`` from the spec
+        (off = ``false``: the slot re-evaluates the whole prompt); the host-RAM
+        cache is the separate ``--cache-ram`` knob (RuntimeSpec.cache_ram_mib).
+        """
+        payload = {
+            "prompt": prompt, "max_tokens": max_tokens, "temperature": self.spec.temperature,
+            "seed": self.spec.seed, "stream": True, "stream_options": {"include_usage": True},
+            "cache_prompt": self.spec.prefix_caching, "ignore_eos": True,
+        }
+        if slot is not None:
+            payload["id_slot"] = slot % max(1, self.spec.n_parallel)
+        return "/v1/completions", payload
+
+    @staticmethod
+    def completion_counts(fields: dict) -> dict:
+        """Token counts of a finished completion stream; cached = the engine's ``timings.cache_n``."""
+        timings = fields.get("timings") or {}
+        usage = fields.get("usage") or {}
+        cache_n, prompt_n = timings.get("cache_n"), timings.get("prompt_n")
+        prompt = usage.get("prompt_tokens")
+        if prompt is None and prompt_n is not None:
+            prompt = prompt_n + (cache_n or 0)
+        return {"prompt_tokens": prompt, "completion_tokens": usage.get("completion_tokens", timings.get("predicted_n")),
+                "cached_tokens": cache_n, "engine_prompt_ms": timings.get("prompt_ms"),
+                "cached_tokens_source": "timings.cache_n"}
+
+    def server_pid(self) -> int | None:
+        return self.proc.proc.pid if self.proc is not None and self.proc.proc is not None else None
+
+    def memory_readout(self) -> dict:
+        """KV-cache read-outs (thread-safe: its own client): slots busy, cached-token counter, KV buffer size."""
+        client = HttpClient(f"http://{HOST}:{self.port}", timeout_s=10)
+        out: dict = {}
+        try:
+            slots = client.get_json("/slots")
+            out["slots"] = len(slots)
+            out["slots_busy"] = sum(1 for s in slots if s.get("is_processing"))
+            out["slot_n_ctx"] = slots[0].get("n_ctx") if slots else None
+            for line in client.get_text("/metrics").splitlines():
+                m = re.match(r"llamacpp:(prompt_tokens_cached_total|prompt_tokens_total|kv_cache_usage_ratio|"
+                             r"kv_cache_tokens)\s+(\S+)", line)
+                if m:
+                    out[m.group(1)] = float(m.group(2))
+        except (HttpError, OSError, ValueError):
+            pass
+        finally:
+            client.close()
+        m = re.findall(r"llama_kv_cache:\s+size\s*=\s*([\d.]+)\s*MiB", self.log_path.read_text(errors="replace"))
+        if m:
+            out["kv_buffer_mib"] = float(m[-1])
+        return out
+
+
 def render_flash_attn(on: bool, help_text: str) -> list[str]:
     """``-fa on|off`` where the binary takes a value, else the old boolean ``-fa``."""
     if re.search(r"-fa,\s*--flash-attn\s*\[on\|off\|auto\]", help_text) or "--flash-attn [on|off" in help_text:

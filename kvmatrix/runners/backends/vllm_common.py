@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from kvmatrix.runners.backends.base import EngineError
+from kvmatrix.runners.backends.base import Backend, EngineError
 from kvmatrix.runners.workload import expected_cached
 
 SERVER_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
@@ -625,3 +625,20 @@ def write_request_log(path: Path, record: dict) -> None:
     """One JSON line per measured request (cached tokens from usage and from the counters, resets)."""
     with open(path, "a") as fh:
         fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+class VllmBackend(Backend):
+    """What both vLLM adapters share: the version and its flag table, the options, the model
+    folder, the run folder (made by render, removed by stop) and the per-request log."""
+
+    def __init__(self, cell, log_dir: Path):
+        super().__init__(cell, log_dir)
+        self.version, self.dist = resolve_version(cell)
+        self.flags = flags_for(self.version)
+        self.opts = EngineOptions.from_engine(cell.engine)
+        self.model_dir = check_model_dir(cell.model.get("hf_dir"), cell.model.get("name", ""))
+        self.run_dir: Path | None = None
+        self.requests_log = log_dir / f"{cell.cell_id}.requests.jsonl"
+        self.settings: dict = {}
+        self._tokens: dict[str, list[int]] = {}
+        self._isolation: CacheIsolation | None = None

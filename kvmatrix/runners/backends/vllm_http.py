@@ -36,33 +36,24 @@ import time
 from pathlib import Path
 
 from kvmatrix.runners.backends import vllm_common as vc
-from kvmatrix.runners.backends.base import Backend, EngineError, Measurement, Request
+from kvmatrix.runners.backends.base import EngineError, Measurement, Request
 from kvmatrix.runners.backends.http import HttpClient, HttpError
 from kvmatrix.runners.backends.process import HOST, EngineProcess, free_port, tail
 
 START_TIMEOUT_S = 300.0
 
 
-class VllmHttp(Backend):
+class VllmHttp(vc.VllmBackend):
     name = "vllm_http"
     phase = "1"
 
     def __init__(self, cell, log_dir: Path):
         super().__init__(cell, log_dir)
-        self.version, self.dist = vc.resolve_version(cell)
-        self.flags = vc.flags_for(self.version)
-        self.opts = vc.EngineOptions.from_engine(cell.engine)
-        self.model_dir = vc.check_model_dir(cell.model.get("hf_dir"), cell.model.get("name", ""))
         self.python = cell.engine.get("python") or sys.executable
         self.port = free_port()
-        self.run_dir: Path | None = None  # made by render(), removed by stop()
-        self.requests_log = log_dir / f"{cell.cell_id}.requests.jsonl"
         self.proc: EngineProcess | None = None
         self.client: HttpClient | None = None
-        self.settings: dict = {}
         self.model_name = self.opts.served_model_name
-        self._tokens: dict[str, list[int]] = {}
-        self._isolation: vc.CacheIsolation | None = None
         self._config: dict = {}
         self._cache_info: dict = {}
 
@@ -286,4 +277,48 @@ class VllmHttp(Backend):
 
     def log_tail(self, lines: int = 30) -> str:
         return tail(self.log_path, lines)
+
+    # -- raw-prompt completions (the prefix_reuse client) ----------------------
+    def completion_request(self, prompt: str, max_tokens: int, slot: int | None = None) -> tuple[str, dict]:
+        """Streaming ``/v1/completions`` for a raw prompt, usage (cached tokens) in the last chunk.
+
+        ``slot`` is accepted for symmetry with llama-server and ignored: vLLM shares one block pool.
+        """
+        return "/v1/completions", {
+            "model": self.model_name, "prompt": prompt, "max_tokens": max_tokens,
+            "temperature": self.spec.temperature, "seed": self.spec.seed, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True,
+        }
+
+    @staticmethod
+    def completion_counts(fields: dict) -> dict:
+        """Token counts of a finished completion stream; cached = ``usage.prompt_tokens_details.cached_tokens``."""
+        usage = fields.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+        return {"prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
+                "cached_tokens": details.get("cached_tokens"), "engine_prompt_ms": None,
+                "cached_tokens_source": "usage.prompt_tokens_details.cached_tokens"}
+
+    def server_pid(self) -> int | None:
+        return self.proc.proc.pid if self.proc is not None and self.proc.proc is not None else None
+
+    def memory_readout(self) -> dict:
+        """KV-cache read-outs from /metrics (thread-safe: its own client)."""
+        client = HttpClient(f"http://{HOST}:{self.port}", timeout_s=10)
+        try:
+            values = vc.parse_metrics(client.get_text("/metrics"))
+        except (HttpError, OSError, ValueError):
+            return {}
+        finally:
+            client.close()
+        out = {}
+        for key, names in (("kv_cache_usage_perc", ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")),
+                           ("prefix_cache_queries", vc.PREFIX_QUERIES), ("prefix_cache_hits", vc.PREFIX_HITS),
+                           ("num_requests_running", ("vllm:num_requests_running",))):
+            v = vc.metric(values, names)
+            if v is not None:
+                out[key] = v
+        if self._cache_info.get("num_gpu_blocks", "").isdigit():
+            out["kv_blocks"] = int(self._cache_info["num_gpu_blocks"])
+        return out
 

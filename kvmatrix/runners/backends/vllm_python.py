@@ -42,25 +42,18 @@ import traceback
 from pathlib import Path
 
 from kvmatrix.runners.backends import vllm_common as vc
-from kvmatrix.runners.backends.base import Backend, EngineError, Measurement, Request
+from kvmatrix.runners.backends.base import EngineError, Measurement, Request
 
 TTFT_KIND = "generate_max_tokens_1"
 
 
-class VllmPython(Backend):
+class VllmPython(vc.VllmBackend):
     name = "vllm_python"
     phase = "2"
 
     def __init__(self, cell, log_dir: Path):
         super().__init__(cell, log_dir)
-        self.version, self.dist = vc.resolve_version(cell)
-        self.flags = vc.flags_for(self.version)
-        self.opts = vc.EngineOptions.from_engine(cell.engine)
-        self.model_dir = vc.check_model_dir(cell.model.get("hf_dir"), cell.model.get("name", ""))
-        self.run_dir: Path | None = None  # made by render(), removed by stop()
-        self.requests_log = log_dir / f"{cell.cell_id}.requests.jsonl"
         self.pid_path = self.log_path.with_suffix(".pid")
-        self.settings: dict = {}
         self.llm = None
         self.tokenizer = None
         self._vllm = None
@@ -68,8 +61,6 @@ class VllmPython(Backend):
         self._sampling = None
         self._saved_fds: dict[int, int] = {}
         self._saved_env: dict[str, str | None] = {}
-        self._tokens: dict[str, list[int]] = {}
-        self._isolation: vc.CacheIsolation | None = None
 
     # -- render ---------------------------------------------------------------
     def render(self) -> dict:

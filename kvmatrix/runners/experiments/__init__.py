@@ -6,8 +6,17 @@ returning ``{"trials": {condition: [Trial]}, ...extra fields for the result}``.
 
 from kvmatrix.runners.experiments import invalidation, recompute_scan
 
+
+def _prefix_reuse(backend, spec, progress=None) -> dict:
+    # imported here: it needs aiohttp (the HTTP client), which the host side does not have
+    from kvmatrix.runners.experiments import prefix_reuse  # noqa: PLC0415
+
+    return prefix_reuse.run(backend, spec, progress)
+
+
 EXPERIMENTS = {
     "invalidation": invalidation.run,
     "recompute_scan": recompute_scan.run,
     "batch_sweep": invalidation.run_miss_only,
+    "prefix_reuse": _prefix_reuse,
 }
