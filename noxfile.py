@@ -80,6 +80,18 @@ def demo(session):
 
 
 @nox.session
+def prefix(session):
+    """Repeated-prefix benchmark, prefix caching off vs on: llama-server + vLLM server (host runtime).
+
+    -- --backend llamacpp_http,vllm_http --variants 20 --concurrency 1,16 --prefix-regimes medium,large
+    --reuse-mixes 100,50,0 --prompts FILE --out DIR. Writes DIR/prefix_caching_results.md, the prompt
+    set, per-request CSV/JSON and figures (~10-15 min on 2 CPU cores with the tiny model).
+    """
+    session.install("-e", ".[analysis]")
+    session.run("python", "-m", "kvmatrix.matrix", "prefix", *session.posargs)
+
+
+@nox.session
 def figures(session):
     """Regenerate figures from existing results without rerunning anything: -- DIR [DIR ...]."""
     session.install("-e", ".[analysis]")

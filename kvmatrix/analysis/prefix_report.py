@@ -513,7 +513,10 @@ def memory_observation(ok: list[dict]) -> list[str]:
             k_off, k_on = peak(off, "peak_kv_cache_usage_perc"), peak(on, "peak_kv_cache_usage_perc")
             if k_off is not None and k_on is not None:
                 text += (f"; peak KV-cache usage off {k_off * 100:.1f}% vs on {k_on * 100:.1f}% of the "
-                         "preallocated pool (shared prefix blocks are stored once and referenced by every request)")
+                         "preallocated pool (VLLM_CPU_KVCACHE_SPACE / gpu_memory_utilization: RSS does not move) "
+                         + ("- lower with caching: the shared prefix's blocks are stored once and referenced by "
+                            "every request" if k_on < k_off - 0.005 else
+                            "- no difference at this scale (sampled every 0.5 s; batches are short)"))
         else:
             kv = ((on.get("memory") or {}).get("after_runs") or {}).get("kv_buffer_mib")
             text += (f"; the KV buffer is allocated at start ({fmt(kv, 1)} MiB for all slots) whatever the mode: "
