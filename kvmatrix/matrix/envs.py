@@ -54,6 +54,15 @@ def reset_entry(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def base_python() -> str:
+    """The interpreter venvs are made from: the base installation, whichever venv (nox's, say)
+    kvmatrix itself runs in, so every session shares the same cached environments."""
+    candidate = Path(sys.base_prefix) / "bin" / "python"
+    if candidate.is_file():
+        return str(candidate)
+    return getattr(sys, "_base_executable", None) or sys.executable
+
+
 def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
@@ -72,7 +81,7 @@ def ensure_venv(
     requirements, the extra environment and the base interpreter, so a
     changed pin makes a new venv instead of mutating an old one.
     """
-    base = python or sys.executable
+    base = python or base_python()
     offline = os.environ.get("KVMATRIX_OFFLINE_WHEELS")
     if offline:
         # Hosts without a package index (the lent GPU machine): reuse the system's

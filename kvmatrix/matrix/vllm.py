@@ -79,19 +79,11 @@ def detect_device(cuda: str = "auto") -> str:
     return "cuda" if out.returncode == 0 and "GPU" in out.stdout else "cpu"
 
 
-def base_python() -> str:
-    """The interpreter the venv is made from: the base installation, whatever venv we run in."""
-    candidate = Path(sys.base_prefix) / "bin" / "python"
-    if candidate.is_file():
-        return str(candidate)
-    return getattr(sys, "_base_executable", None) or sys.executable
-
-
 def ensure_env(version: str = DEFAULT_VERSION, device: str = "cpu") -> VllmEnv:
     """The cached vLLM venv for (version, device); made on first use (minutes, GBs)."""
     check_version(version)
     reqs = requirements(version, device)
-    python = envs.ensure_venv(f"{distribution(device)}-{version}", reqs, python=base_python())
+    python = envs.ensure_venv(f"{distribution(device)}-{version}", reqs, python=envs.base_python())
     if device == "cpu":
         post_uninstall(python, CPU_POST_UNINSTALL)
     return VllmEnv(version, device, distribution(device), reqs, python)
