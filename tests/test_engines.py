@@ -27,9 +27,18 @@ def _cells(out: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
 
 
-def _engine_processes() -> list[str]:
+def _all_engine_processes() -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "llama-server" in line and "kvmatrix" in line]
+
+
+# llama-servers already running before these tests (another run on the machine) are not ours to judge.
+_PREEXISTING = {line.split()[0] for line in _all_engine_processes()}
+
+
+def _engine_processes() -> list[str]:
+    """llama-server processes started since this module was imported and still alive."""
+    return [line for line in _all_engine_processes() if line.split()[0] not in _PREEXISTING]
 
 
 @pytest.fixture(scope="module")

@@ -54,9 +54,18 @@ def hf_model():
     return ensure_model("tiny", source.path, source.commit)
 
 
-def _vllm_processes() -> list[str]:
+def _all_vllm_processes() -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "vllm" in line.lower() and "pytest" not in line]
+
+
+# vLLM processes that existed before these tests (someone else's run on the same machine) are not ours to judge.
+_PREEXISTING = {line.split()[0] for line in _all_vllm_processes()}
+
+
+def _vllm_processes() -> list[str]:
+    """vLLM processes started since this module was imported (the ones these tests must not leave behind)."""
+    return [line for line in _all_vllm_processes() if line.split()[0] not in _PREEXISTING]
 
 
 def _leftover_run_dirs() -> list[Path]:
