@@ -56,6 +56,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -642,3 +643,31 @@ class VllmBackend(Backend):
         self.settings: dict = {}
         self._tokens: dict[str, list[int]] = {}
         self._isolation: CacheIsolation | None = None
+
+    def _try_reset_prefix_cache(self) -> bool:
+        """Ask the engine to drop its cached blocks; False while a finishing request still holds some."""
+        raise NotImplementedError
+
+    def _send_untimed(self, tokens: list[int]) -> None:
+        """Run ``tokens`` through the engine once, outside any timed region (1 output token)."""
+        raise NotImplementedError
+
+    def _isolate(self, prompt: list[int]) -> dict:
+        """Before a request: reset the prefix cache when the blocks cached since the last reset could serve
+        more than the previous prompt alone (CacheIsolation), then re-send that prompt untimed, so a miss
+        means what it means on a llama.cpp slot."""
+        if self._isolation is None:
+            return {}
+        reset, resend = self._isolation.plan(prompt)
+        if not reset:
+            return {"cache_reset": False}
+        for _ in range(50):
+            if self._try_reset_prefix_cache():
+                break
+            time.sleep(0.1)  # blocks still held by a request that is finishing
+        else:
+            raise EngineError("vLLM refused to reset its prefix cache (blocks still held)", self.log_tail())
+        if resend:
+            self._send_untimed(resend)
+        self._isolation.reset_done(resend)
+        return {"cache_reset": True, "resent_tokens": len(resend or [])}

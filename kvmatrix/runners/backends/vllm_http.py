@@ -168,28 +168,15 @@ class VllmHttp(vc.VllmBackend):
         return self._tokens[key]
 
     # -- cache isolation ------------------------------------------------------
-    def _reset_prefix_cache(self) -> None:
-        for _ in range(50):
-            body = self.client.post_json("/reset_prefix_cache", {})
-            if not isinstance(body, dict) or body.get("success", True):
-                return
-            time.sleep(0.1)  # blocks still held by a request that is finishing
-        raise EngineError("vLLM refused to reset its prefix cache (blocks still held)", self.log_tail())
+    def _try_reset_prefix_cache(self) -> bool:
+        body = self.client.post_json("/reset_prefix_cache", {})
+        return not isinstance(body, dict) or bool(body.get("success", True))
 
-    def _isolate(self, prompt: list[int]) -> dict:
-        if self._isolation is None:
-            return {}
-        reset, resend = self._isolation.plan(prompt)
-        if not reset:
-            return {"cache_reset": False}
-        self._reset_prefix_cache()
-        if resend:
-            payload = self._payload(Request([], max_tokens=1, stream=False))
-            payload.pop("messages")
-            payload["prompt"] = resend  # the exact token ids, through the completions API
-            self.client.post_json("/v1/completions", payload)
-        self._isolation.reset_done(resend)
-        return {"cache_reset": True, "resent_tokens": len(resend or [])}
+    def _send_untimed(self, tokens: list[int]) -> None:
+        payload = self._payload(Request([], max_tokens=1, stream=False))
+        payload.pop("messages")
+        payload["prompt"] = tokens  # the exact token ids, through the completions API
+        self.client.post_json("/v1/completions", payload)
 
     # -- measure --------------------------------------------------------------
     def _payload(self, request: Request) -> dict:

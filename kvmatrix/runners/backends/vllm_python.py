@@ -237,22 +237,11 @@ class VllmPython(vc.VllmBackend):
                 out[name] = out.get(name, 0.0) + float(m.value)
         return out
 
-    def _isolate(self, prompt: list[int]) -> dict:
-        if self._isolation is None:
-            return {}
-        reset, resend = self._isolation.plan(prompt)
-        if not reset:
-            return {"cache_reset": False}
-        for _ in range(50):
-            if self.llm.reset_prefix_cache() is not False:
-                break
-            time.sleep(0.1)
-        else:
-            raise EngineError("vLLM refused to reset its prefix cache (blocks still held)", self.log_tail())
-        if resend:
-            self._generate(resend, 1)
-        self._isolation.reset_done(resend)
-        return {"cache_reset": True, "resent_tokens": len(resend or [])}
+    def _try_reset_prefix_cache(self) -> bool:
+        return self.llm.reset_prefix_cache() is not False
+
+    def _send_untimed(self, tokens: list[int]) -> None:
+        self._generate(tokens, 1)
 
     def measure(self, request: Request) -> Measurement:
         ids = self.prompt_tokens(request.messages)
