@@ -206,15 +206,23 @@ def series_linestyle(i: int) -> str:
     return ("-", "--", ":", "-.")[(i // 20) % 4]
 
 
-def fig1_invalidation_cost(ev: Evidence) -> Figure | str:
-    """Grouped bars: x = config, per backend a hit and a miss bar (median, 95 % CI)."""
+def _ttft_grid(ev: Evidence):
+    """(rows, configs in order, series names in order, {(name, (a, b)): row}) of the invalidation rows; None if none."""
     rows = _ttft_rows(ev)
     if not rows:
-        return NO_INVALIDATION
+        return None
     configs = sorted({(r.a, r.b) for r in rows}, key=lambda ab: config_key(*ab))
-    series = list(dict.fromkeys(r.name for r in rows))
+    names = list(dict.fromkeys(r.name for r in rows))
+    return rows, configs, names, {(r.name, (r.a, r.b)): r for r in rows}
+
+
+def fig1_invalidation_cost(ev: Evidence) -> Figure | str:
+    """Grouped bars: x = config, per backend a hit and a miss bar (median, 95 % CI)."""
+    grid = _ttft_grid(ev)
+    if grid is None:
+        return NO_INVALIDATION
+    rows, configs, series, by_key = grid
     colors = {name: series_color(i, len(series)) for i, name in enumerate(series)}
-    by_key = {(r.name, (r.a, r.b)): r for r in rows}
     summaries = [r.summary(c) for r in rows for c in ("hit", "miss")]
     log = _is_log([s.median for s in summaries if s.median])
 
@@ -357,12 +365,10 @@ def _diff_panel(ax, rows: list[Row], xs: list[float]) -> None:
 
 def experiment1_phase_comparison(ev: Evidence) -> Figure | str:
     """One panel per config; in each, every backend's hit and miss median TTFT with 95 % CI."""
-    rows = _ttft_rows(ev)
-    if not rows:
+    grid = _ttft_grid(ev)
+    if grid is None:
         return NO_INVALIDATION
-    configs = sorted({(r.a, r.b) for r in rows}, key=lambda ab: config_key(*ab))
-    names = list(dict.fromkeys(r.name for r in rows))
-    by_key = {(r.name, (r.a, r.b)): r for r in rows}
+    rows, configs, names, by_key = grid
     meds = [r.summary(c).median for r in rows for c in ("hit", "miss") if r.summary(c).median]
     log = _is_log(meds)
     fig = Figure(figsize=(max(8.0, 1.5 + len(configs) * (1.0 + 1.1 * len(names))), 5.8))
