@@ -13,8 +13,8 @@ nox.options.reuse_existing_virtualenvs = True
 
 
 def _host(session, *args):
-    """Install kvmatrix (host side) and run ``python -m kvmatrix.matrix ...``."""
-    session.install("-e", ".")
+    """Install kvmatrix (host side, with the Docker SDK for ``--runtime docker``) and run ``python -m kvmatrix.matrix ...``."""
+    session.install("-e", ".[docker]")
     session.run("python", "-m", "kvmatrix.matrix", *args)
 
 
@@ -52,6 +52,18 @@ def phase3a(session):
 def phase3b(session):
     """Invalidation experiment on llama-cpp-python (chat API and manual template)."""
     _host(session, "run", "--phases", "3b", *session.posargs)
+
+
+@nox.session
+def matrix(session):
+    """The matrix in Docker (or on the host): -- --vllm 0.6.3,0.33.0 --llama b4000,vendored:0.3.36
+    --llama-build server,shared --phases 1,2,3a,3b --runtime auto|docker|host --shard I/N --resume --out DIR.
+
+    Default axes: what builds on this machine (vLLM CPU or GPU at the default release, llama.cpp from
+    llama-cpp-python 0.3.36's vendored source, server + shared-library bindings, all four phases).
+    """
+    session.install("-e", ".[docker]")
+    session.run("python", "-m", "kvmatrix.matrix", "matrix", *session.posargs)
 
 
 @nox.session

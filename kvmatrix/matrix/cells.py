@@ -10,6 +10,7 @@ A phase names an interface; each (phase, variant, config) is one cell:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from kvmatrix.matrix.console import fail
@@ -43,6 +44,7 @@ class Cell:
     experiment: str = "invalidation"
     build: str | None = None  # llama-cpp-python build variant (phase 3b): shared, pip, stock
     n_batch: int | None = None  # batch_sweep: the n_batch under test
+    tag: str | None = None  # matrix: the engine version/source, e.g. llama_b4000, vllm_0.33.0
 
     @property
     def cell_id(self) -> str:
@@ -56,12 +58,15 @@ class Cell:
         parts.append(f"{self.config.a}x{self.config.b}")
         if self.experiment != "invalidation":
             parts.insert(0, self.experiment)
+        if self.tag:
+            parts.insert(0, self.tag)
         return "-".join(parts)
 
     @property
     def label(self) -> str:
         build = f" [{self.build}]" if self.build and self.build != "shared" else ""
-        return f"{self.backend}{'/' + self.variant if self.variant else ''}{build}"
+        tag = f" @{self.tag}" if self.tag else ""
+        return f"{self.backend}{'/' + self.variant if self.variant else ''}{build}{tag}"
 
 
 def parse_phases(text: str) -> list[str]:
@@ -107,3 +112,26 @@ def expand(phases: list[str], configs: list[ABConfig], experiments: tuple[str, .
     if len(set(ids)) != len(ids):
         fail("the same config is given twice; list each --config once")
     return cells
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``--shard i/n`` (1 <= i <= n) -> (i, n)."""
+    if not text:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        fail(f"--shard {text!r}: give i/n with 1 <= i <= n, e.g. --shard 1/3 on the first of three hosts")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard(cells: list, which: tuple[int, int] | None) -> list:
+    """The deterministic slice ``i/n`` of the cells: every n-th cell in cell-id order, starting at the i-th.
+
+    The same arguments give the same slices on every host; the n slices are disjoint and cover the matrix.
+    """
+    if which is None:
+        return cells
+    i, n = which
+    ordered = sorted(cells, key=lambda c: c.cell_id)
+    chosen = {c.cell_id for k, c in enumerate(ordered) if k % n == i - 1}
+    return [c for c in cells if c.cell_id in chosen]

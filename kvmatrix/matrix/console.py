@@ -7,6 +7,7 @@ it, print it, and exit 2. Nothing already written is touched on the way out.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
@@ -26,8 +27,17 @@ def say(message: str) -> None:
     print(f"[kvmatrix {elapsed:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
+def _interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_main(main) -> None:
-    """Call main(); turn UserError into one line and exit code 2."""
+    """Call main(); turn UserError into one line and exit code 2.
+
+    SIGTERM is handled like Ctrl-C (SIGINT): the cleanup on the way out (engines stopped, containers of
+    the run removed, the interrupted cell recorded as failed) runs for both; exit code 130.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = main()
     except UserError as exc:

@@ -30,10 +30,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass
 class Launch:
-    """How to run the runner for one backend family on this host."""
+    """How to run the runner for one cell: its python (a host venv's, or a path inside ``image``) and env."""
 
     python: Path
     env: dict[str, str]
+    image: object | None = None  # images.Image in the docker runtime
 
 
 def cell_done(out_dir: Path, cell_id: str) -> bool:
@@ -44,23 +45,65 @@ def cell_done(out_dir: Path, cell_id: str) -> bool:
         return False
 
 
-def run_cells(specs: list[tuple[Cell, CellSpec, Launch]], out_dir: Path, resume: bool) -> list[dict]:
-    """Run cells one after another; returns the result documents in order."""
+def run_cells(specs: list[tuple[Cell, CellSpec, Launch]], out_dir: Path, resume: bool, execute=None) -> list[dict]:
+    """Run cells one after another with ``execute`` (this runtime's ``run_one`` by default); result documents in order.
+
+    Shared by both runtimes: progress (cells done / total, current cell, elapsed), ``--resume``,
+    and SIGINT/SIGTERM: the cell being run is recorded as failed (unless its runner wrote a result)
+    and the interrupt goes on up; completed cells are never touched.
+    """
+    execute = execute or run_one
     total = len(specs)
     t0 = time.monotonic()
     docs = []
     for i, (_cell, spec, launch) in enumerate(specs, 1):
+        result_path = out_dir / f"{spec.cell_id}.json"
         if resume and cell_done(out_dir, spec.cell_id):
             say(f"[{i}/{total}] {spec.cell_id}: already ok, skipped (--resume)")
-            docs.append(json.loads((out_dir / f"{spec.cell_id}.json").read_text()))
+            docs.append(json.loads(result_path.read_text()))
             continue
         say(f"[{i}/{total}] {spec.cell_id}: running ({time.monotonic() - t0:.0f}s elapsed)")
-        doc = run_one(spec, launch, out_dir)
+        before = _mtime(result_path)
+        try:
+            doc = execute(spec, launch, out_dir)
+        except KeyboardInterrupt:
+            if _mtime(result_path) == before:
+                record_failure(spec, out_dir, "interrupted (SIGINT/SIGTERM) before the cell finished; "
+                               "rerun with --resume")
+            raise
         status = doc.get("status")
         extra = f" - {doc.get('error')}" if status != "ok" else _summary(doc)
         say(f"[{i}/{total}] {spec.cell_id}: {status}{extra}")
         docs.append(doc)
     return docs
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def write_spec(spec: CellSpec, out_dir: Path) -> Path:
+    spec_path = out_dir / "cells" / f"{spec.cell_id}.json"
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(spec.to_json())
+    return spec_path
+
+
+def record_failure(spec: CellSpec, out_dir: Path, error: str, extra: dict | None = None,
+                   logs: tuple[str, ...] = ("engine",)) -> dict:
+    """Write the failed result of a cell whose runner could not (crash, kill, interrupt), with log tails."""
+    doc = base_document(spec)
+    doc.update(status="failed", error=error, **(extra or {}))
+    for kind in logs:
+        log = out_dir / "logs" / f"{spec.cell_id}.{kind}.log"
+        if log.exists() and log.stat().st_size:
+            doc.setdefault("log_file", str(log.relative_to(out_dir)))
+            doc.setdefault("log_tail", "\n".join(log.read_text(errors="replace").splitlines()[-30:]))
+    write_json_atomic(out_dir / f"{spec.cell_id}.json", doc)
+    return doc
 
 
 def _summary(doc: dict) -> str:
@@ -74,11 +117,10 @@ def _summary(doc: dict) -> str:
 
 
 def run_one(spec: CellSpec, launch: Launch, out_dir: Path) -> dict:
-    spec_path = out_dir / "cells" / f"{spec.cell_id}.json"
-    spec_path.parent.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(spec.to_json())
+    """Host runtime: the runner in its venv, in its own process group; a crash becomes a failed cell."""
+    spec_path = write_spec(spec, out_dir)
     result_path = out_dir / f"{spec.cell_id}.json"
-    before = result_path.stat().st_mtime_ns if result_path.exists() else None
+    before = _mtime(result_path)
     env = dict(os.environ)
     env.pop("LLAMA_CPP_LIB_PATH", None)  # only the shared-library variant sets it
     env.update(launch.env)
@@ -94,18 +136,9 @@ def run_one(spec: CellSpec, launch: Launch, out_dir: Path) -> dict:
     finally:
         if reap_group(out_dir / "logs" / f"{spec.cell_id}.engine.pid"):
             say(f"{spec.cell_id}: the runner left its engine running; killed it")
-    wrote = result_path.exists() and result_path.stat().st_mtime_ns != before
-    if wrote:
+    if _mtime(result_path) != before:
         return json.loads(result_path.read_text())
-    # The runner died without a result: record the crash as a failed cell.
-    doc = base_document(spec)
-    doc.update(status="failed", error=f"runner {describe_exit(code)} before writing a result")
-    log = out_dir / "logs" / f"{spec.cell_id}.engine.log"
-    if log.exists():
-        doc["log_file"] = str(log.relative_to(out_dir))
-        doc["log_tail"] = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-    write_json_atomic(result_path, doc)
-    return doc
+    return record_failure(spec, out_dir, f"runner {describe_exit(code)} before writing a result")
 
 
 def _terminate(proc: subprocess.Popen) -> None:

@@ -30,6 +30,11 @@ DEFAULT_SOURCE = "vendored:0.3.36"
 # Commits of the llama.cpp vendored by llama-cpp-python releases (read from
 # the sdist's vendor/llama.cpp, which carries no .git).
 VENDORED_COMMITS = {"0.3.36": "0c1e570"}
+#: first llama.cpp build number whose server lives in tools/server (commit "move end-user examples to
+#: tools directory", #13249, 2025-05-02: rev-list count 5269); older trees need LLAMA_BUILD_EXAMPLES=ON
+SERVER_IN_TOOLS_SINCE = 5269
+#: where a tag's source archive comes from on a host that can reach GitHub
+TAG_ARCHIVE_URL = "https://github.com/ggml-org/llama.cpp/archive/refs/tags/{tag}.tar.gz"
 
 # Python packages the runner imports (kept in step with pyproject's [runner] extra).
 RUNNER_REQUIREMENTS = ["aiohttp>=3.9", "numpy>=1.24"]
@@ -72,11 +77,13 @@ class LlamaBuild:
         }
 
 
-def ensure_source(spec: str | None) -> LlamaSource:
-    """Resolve ``vendored:X.Y.Z`` or a directory to a llama.cpp tree."""
+def ensure_source(spec: str | None, bindings_version: str | None = None) -> LlamaSource:
+    """Resolve ``vendored:X.Y.Z``, a tag ``bNNNN`` or a directory to a llama.cpp tree."""
     spec = spec or DEFAULT_SOURCE
     if spec.startswith("vendored:"):
         return _vendored_source(spec.split(":", 1)[1])
+    if build_number(spec) is not None:
+        return _tag_source(spec, bindings_version)
     path = Path(spec).expanduser().resolve()
     if not (path / "CMakeLists.txt").is_file() or not (path / "include" / "llama.h").is_file():
         fail(f"--llama-source {spec}: not a llama.cpp checkout (no CMakeLists.txt / include/llama.h); "
@@ -118,6 +125,55 @@ def _vendored_source(version: str) -> LlamaSource:
                        bindings_sdist=tree, bindings_version=version)
 
 
+def bindings_for_tag(tag: str, bindings_version: str | None = None) -> str:
+    """The llama-cpp-python release to pair with llama.cpp ``tag`` (the nearest vendored one, see bindings_map)."""
+    from kvmatrix.matrix import bindings_map  # noqa: PLC0415
+
+    try:
+        release = bindings_map.for_version(bindings_version) if bindings_version else bindings_map.for_llama_tag(tag)
+    except bindings_map.BindingsMapError as exc:
+        fail(str(exc))
+    return release.bindings_version
+
+
+def planned_tag_source(tag: str, bindings_version: str | None = None) -> LlamaSource:
+    """A tag's source as far as it is known without downloading it (for rendering plans and command lines)."""
+    return LlamaSource(origin=tag, path=Path(f"/nonexistent/llama.cpp-{tag}"), commit=tag,
+                       bindings_version=bindings_for_tag(tag, bindings_version))
+
+
+def _tag_source(tag: str, bindings_version: str | None) -> LlamaSource:
+    """llama.cpp at a release tag: the tag's source archive (cached), paired with the nearest bindings release."""
+    version = bindings_for_tag(tag, bindings_version)
+    bindings = _vendored_source(version)
+    root = envs.cache_dir() / "sources" / f"llama.cpp-{tag}"
+    info = root / envs.MARKER
+    if not envs.is_complete(root):
+        envs.reset_entry(root)
+        root.mkdir(parents=True, exist_ok=True)
+        url = TAG_ARCHIVE_URL.format(tag=tag)
+        say(f"downloading llama.cpp {tag} from {url} (cached)")
+        archive = root / f"{tag}.tar.gz"
+        try:
+            import urllib.request  # noqa: PLC0415
+
+            with urllib.request.urlopen(url, timeout=60) as resp, open(archive, "wb") as fh:
+                shutil.copyfileobj(resp, fh)
+        except OSError as exc:
+            shutil.rmtree(root, ignore_errors=True)
+            fail(f"cannot download llama.cpp {tag} ({exc}); on a host without GitHub access pass --llama DIR "
+                 f"(a checkout of {tag}) or {DEFAULT_SOURCE}")
+        with tarfile.open(archive) as tf:
+            commit = (tf.pax_headers.get("comment") or "unknown")[:7]  # GitHub archives carry the commit id
+            tf.extractall(root, filter="data")
+        archive.unlink()
+        envs.mark_complete(root, {"tag": tag, "commit": commit})
+    commit = json.loads(info.read_text()).get("commit", "unknown")
+    tree = next(p for p in root.iterdir() if p.is_dir())
+    return LlamaSource(origin=tag, path=tree, commit=commit, bindings_sdist=bindings.bindings_sdist,
+                       bindings_version=version)
+
+
 def _sdist_version(sdist: Path) -> str | None:
     init = sdist / "llama_cpp" / "__init__.py"
     m = re.search(r'__version__\s*=\s*"([^"]+)"', init.read_text()) if init.is_file() else None
@@ -150,19 +206,40 @@ def detect_cuda() -> tuple[bool, str | None]:
     return True, caps[0].strip().replace(".", "")
 
 
-def cmake_flags(source: LlamaSource, cuda: bool, arch: str | None) -> list[str]:
-    """The CMake flags of a build: identical for server and shared library."""
+def server_in_examples(source: LlamaSource) -> bool:
+    """Older trees keep the server under examples/ (built only with LLAMA_BUILD_EXAMPLES=ON)."""
+    if (source.path / "tools" / "server").is_dir():
+        return False
+    if (source.path / "examples" / "server").is_dir():
+        return True
+    number = build_number(source.origin)
+    return number is not None and number < SERVER_IN_TOOLS_SINCE
+
+
+def build_number(origin: str) -> int | None:
+    """The N of a llama.cpp tag ``bN`` (None for other sources)."""
+    m = re.fullmatch(r"b(\d+)", origin)
+    return int(m.group(1)) if m else None
+
+
+def cmake_flags(source: LlamaSource, cuda: bool, arch: str | None, openssl: bool | None = None) -> list[str]:
+    """The CMake flags of a build: identical for server and shared library, host and Docker.
+
+    ``openssl``: link the server with OpenSSL (None: when this host has its headers; images say False).
+    """
+    if openssl is None:
+        openssl = Path("/usr/include/openssl/ssl.h").is_file()
     flags = [
         "-DCMAKE_BUILD_TYPE=Release",
         "-DBUILD_SHARED_LIBS=ON",
         "-DLLAMA_BUILD_TESTS=OFF",
-        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        f"-DLLAMA_BUILD_EXAMPLES={'ON' if server_in_examples(source) else 'OFF'}",
         "-DLLAMA_BUILD_TOOLS=ON",
         "-DLLAMA_BUILD_SERVER=ON",
         "-DLLAMA_USE_PREBUILT_UI=OFF",
         "-DLLAMA_BUILD_UI=OFF",
         "-DLLAMA_CURL=OFF",
-        f"-DLLAMA_OPENSSL={'ON' if Path('/usr/include/openssl/ssl.h').is_file() else 'OFF'}",
+        f"-DLLAMA_OPENSSL={'ON' if openssl else 'OFF'}",
         f"-DLLAMA_BUILD_COMMIT={source.commit}",
         "-DCMAKE_BUILD_RPATH=$ORIGIN",
         "-DGGML_NATIVE=ON",
@@ -186,7 +263,7 @@ def ensure_build(source: LlamaSource, cuda: str = "auto", jobs: int | None = Non
     if cuda == "on" and not shutil.which("nvcc"):
         fail("--cuda on but nvcc is not on PATH; install the CUDA toolkit or use --cuda off")
     flags = cmake_flags(source, has_cuda, arch)
-    key = envs.content_key(source.origin, source.commit, flags, _tree_stamp(source.path))
+    key = envs.content_key(source.origin, source.commit, flags, tree_stamp(source.path))
     build_dir = envs.cache_dir() / "builds" / f"llama-{source.commit}-{key}"
     info_file = build_dir / "kvmatrix-build.json"
     if envs.is_complete(build_dir) and info_file.is_file():
@@ -215,7 +292,7 @@ def ensure_build(source: LlamaSource, cuda: str = "auto", jobs: int | None = Non
                       cuda=has_cuda, compiler=info["compiler"], build_seconds=seconds, info=info)
 
 
-def _tree_stamp(path: Path) -> str:
+def tree_stamp(path: Path) -> str:
     """Cheap identity of a source tree without git: size+mtime of key files."""
     parts = []
     for rel in ("CMakeLists.txt", "include/llama.h", "src/llama.cpp", "tools/server/server.cpp"):
@@ -305,8 +382,12 @@ STOCK_DEVIATIONS = {"n_gpu_layers": 0}
 
 def pip_cmake_args(build: LlamaBuild) -> str:
     """The build's compute flags, as CMAKE_ARGS for pip-compiling the bindings."""
+    return pip_cmake_args_of(build.cmake_flags)
+
+
+def pip_cmake_args_of(flags: list[str]) -> str:
     keep = ("-DGGML_", "-DCMAKE_CUDA_ARCHITECTURES", "-DCMAKE_BUILD_TYPE", "-DLLAMA_BUILD_COMMIT")
-    return " ".join(f for f in build.cmake_flags if f.startswith(keep))
+    return " ".join(f for f in flags if f.startswith(keep))
 
 
 def ensure_variant_env(source: LlamaSource, build: LlamaBuild, variant: str) -> tuple[Path, dict[str, str], dict]:

@@ -1,0 +1,325 @@
+"""The ``docker`` runtime: identical container options for every cell, one container per cell, cleanup.
+
+``run_options`` is the ONE place that renders how a cell's container runs;
+every cell of every backend gets the same options except its image, command,
+environment and cell label:
+
+    --network host --init --ipc private --shm-size S --cpuset-cpus C --memory M
+    --user UID:GID [--gpus all]  (only when `docker info` lists the nvidia runtime)
+    -v REPO:REPO:ro  (the runner: mounted, never baked in)
+    -v MODEL_DIR:MODEL_DIR:ro ... -v OUT:OUT:rw
+    --label io.kvmatrix.run=RUN --label io.kvmatrix.owner=HOST:PID
+
+Paths are mounted at the same absolute path, so the cell spec's paths mean
+the same thing inside and out. The options are kept as data (``RunOptions``)
+that renders both the Docker SDK call and the equivalent ``docker run``
+command line recorded in each cell's provenance.
+
+Faults: a container that exits without a result (engine crash, OOM kill,
+health timeout inside the runner) gives a failed cell with the container's
+log tail and OOMKilled flag; SIGINT/SIGTERM removes every container of the
+run (label), records the interrupted cell as failed and keeps completed
+cells; a later run removes containers left by a run whose process is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from kvmatrix.matrix.console import fail, say
+from kvmatrix.matrix.images import LABEL_PREFIX
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RUN_LABEL = f"{LABEL_PREFIX}.run"
+OWNER_LABEL = f"{LABEL_PREFIX}.owner"
+CELL_LABEL = f"{LABEL_PREFIX}.cell"
+
+
+@dataclass(frozen=True)
+class ContainerSettings:
+    """Resource settings shared by every container of a run (from the command line)."""
+
+    cpuset_cpus: str
+    memory: str
+    shm_size: str = "8g"
+    ipc: str = "private"
+    user: str = ""
+    gpus: bool = False
+
+    @staticmethod
+    def for_host(cpuset: str | None, memory: str | None, shm_size: str, gpus: bool) -> ContainerSettings:
+        ncpu = os.cpu_count() or 1
+        if memory is None:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            memory = f"{max(1, int(total * 0.9) >> 30)}g"
+        return ContainerSettings(cpuset_cpus=cpuset or f"0-{ncpu - 1}", memory=memory, shm_size=shm_size,
+                                 user=f"{os.getuid()}:{os.getgid()}", gpus=gpus)
+
+
+@dataclass(frozen=True)
+class Mount:
+    path: str
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    image: str
+    command: tuple[str, ...]
+    settings: ContainerSettings
+    mounts: tuple[Mount, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    name: str = ""
+    workdir: str = "/tmp"
+
+    def cli(self) -> list[str]:
+        """The equivalent ``docker run`` command line."""
+        s = self.settings
+        cmd = ["docker", "run", "--init", "--network", "host", "--ipc", s.ipc, "--shm-size", s.shm_size,
+               "--cpuset-cpus", s.cpuset_cpus, "--memory", s.memory, "--user", s.user, "--workdir", self.workdir]
+        if s.gpus:
+            cmd += ["--gpus", "all"]
+        if self.name:
+            cmd += ["--name", self.name]
+        for m in self.mounts:
+            cmd += ["-v", f"{m.path}:{m.path}:{'ro' if m.read_only else 'rw'}"]
+        for k, v in sorted(self.env.items()):
+            cmd += ["-e", f"{k}={v}"]
+        for k, v in sorted(self.labels.items()):
+            cmd += ["--label", f"{k}={v}"]
+        return [*cmd, self.image, *self.command]
+
+    def sdk_kwargs(self) -> dict:
+        """The same options for ``client.containers.create``."""
+        import docker.types  # noqa: PLC0415
+
+        s = self.settings
+        kw = {
+            "image": self.image, "command": list(self.command), "init": True, "network_mode": "host",
+            "ipc_mode": s.ipc, "shm_size": s.shm_size, "cpuset_cpus": s.cpuset_cpus, "mem_limit": s.memory,
+            "user": s.user, "working_dir": self.workdir, "environment": dict(self.env), "labels": dict(self.labels),
+            "volumes": {m.path: {"bind": m.path, "mode": "ro" if m.read_only else "rw"} for m in self.mounts},
+            "detach": True,
+        }
+        if self.name:
+            kw["name"] = self.name
+        if s.gpus:
+            kw["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+        return kw
+
+
+def owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_options(image: str, python: str, spec_path: Path, out_dir: Path, model_paths: list[str],
+                settings: ContainerSettings, run_id: str, cell_id: str, env: dict[str, str]) -> RunOptions:
+    """How ONE cell's container runs: identical for every cell but image, command, env and cell label."""
+    mounts = [Mount(str(REPO_ROOT), True)]
+    # a folder inside another mounted folder needs no mount of its own
+    reads = sorted(set(model_paths))
+    mounts += [Mount(p, True) for p in reads if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in reads)]
+    mounts.append(Mount(str(out_dir), False))
+    full_env = {
+        "PYTHONPATH": str(REPO_ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "HOME": "/tmp",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        **env,
+    }
+    labels = {RUN_LABEL: run_id, OWNER_LABEL: owner(), CELL_LABEL: cell_id}
+    return RunOptions(image=image, command=(python, "-m", "kvmatrix.runners", str(spec_path)), settings=settings,
+                      mounts=tuple(mounts), env=full_env, labels=labels, name=_container_name(run_id, cell_id))
+
+
+def _container_name(run_id: str, cell_id: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_.-]", "-", f"kvmatrix-{run_id}-{cell_id}")[:200]
+
+
+# -- engine connection ----------------------------------------------------------
+
+@dataclass
+class DockerFacts:
+    server_version: str
+    api_version: str
+    runtimes: list[str]
+
+    @property
+    def nvidia(self) -> bool:
+        return "nvidia" in self.runtimes
+
+    def provenance(self) -> dict:
+        return {"server_version": self.server_version, "api_version": self.api_version, "runtimes": self.runtimes}
+
+
+def client():
+    """A Docker SDK client, or one line naming the fix."""
+    try:
+        import docker  # noqa: PLC0415
+    except ImportError:
+        fail("--runtime docker needs the Docker SDK for Python: pip install 'docker>=7' (nox -s matrix installs it)")
+    try:
+        c = docker.from_env(timeout=600)
+        c.ping()
+    except Exception as exc:  # noqa: BLE001 - any connection failure means the same thing to the user
+        fail(f"no Docker engine answers ({str(exc)[:100]}); start dockerd (or set DOCKER_HOST), or use --runtime host")
+    return c
+
+
+def facts(c) -> DockerFacts:
+    info = c.info()
+    version = c.version()
+    return DockerFacts(server_version=info.get("ServerVersion", "?"), api_version=version.get("ApiVersion", "?"),
+                       runtimes=sorted((info.get("Runtimes") or {}).keys()))
+
+
+def engine_available() -> bool:
+    """Whether a Docker engine answers (for --runtime auto); never raises."""
+    try:
+        import docker  # noqa: PLC0415
+
+        docker.from_env(timeout=5).ping()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# -- cleanup ---------------------------------------------------------------------
+
+def remove_run_containers(c, run_id: str) -> int:
+    """Remove every container of run ``run_id``; returns how many."""
+    n = 0
+    for ct in c.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_id}"}):
+        try:
+            ct.remove(force=True)
+            n += 1
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    return n
+
+
+def remove_orphans(c) -> int:
+    """Remove containers whose kvmatrix process (on this host) is gone, e.g. after a SIGKILL."""
+    host = socket.gethostname()
+    n = 0
+    for ct in c.containers.list(all=True, filters={"label": OWNER_LABEL}):
+        owner_host, _, pid = (ct.labels.get(OWNER_LABEL) or "").rpartition(":")
+        if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            ct.remove(force=True)
+            n += 1
+        except Exception:  # noqa: BLE001
+            pass
+    if n:
+        say(f"removed {n} container(s) left by an earlier kvmatrix run that no longer exists")
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def git_state(repo: Path = REPO_ROOT) -> dict:
+    """The mounted runner's git SHA and whether its tree has uncommitted changes."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"sha": sha, "dirty": bool(status) if status is not None else None}
+
+
+# -- running cells ---------------------------------------------------------------
+
+def model_paths(spec) -> list[str]:
+    """Host paths a cell reads (mounted read-only at the same path): model files and prompt sets."""
+    paths = []
+    gguf = spec.model.get("gguf")
+    if gguf:
+        paths.append(str(Path(gguf).resolve().parent))
+    if spec.model.get("hf_dir"):
+        paths.append(str(Path(spec.model["hf_dir"]).resolve()))
+    if getattr(spec.experiment, "prompts_file", None):
+        paths.append(str(Path(spec.experiment.prompts_file).resolve().parent))
+    return paths
+
+
+class DockerExecutor:
+    """Runs one cell in one container (``host.run_cells`` calls it); the container never outlives the call."""
+
+    def __init__(self, c, settings: ContainerSettings, run_id: str, docker_facts: DockerFacts):
+        self.client = c
+        self.settings = settings
+        self.run_id = run_id
+        self.facts = docker_facts
+
+    def options(self, spec, launch, out_dir: Path) -> RunOptions:
+        spec_path = out_dir / "cells" / f"{spec.cell_id}.json"
+        return run_options(launch.image.id, str(launch.python), spec_path, out_dir, model_paths(spec),
+                           self.settings, self.run_id, spec.cell_id, launch.env)
+
+    def __call__(self, spec, launch, out_dir: Path) -> dict:
+        from kvmatrix.matrix import host  # noqa: PLC0415
+
+        opts = self.options(spec, launch, out_dir)
+        spec = replace(spec, provenance={
+            **spec.provenance,
+            "container": {"image": launch.image.provenance(), "run_options": opts.cli(),
+                          "docker": self.facts.provenance()},
+        })
+        host.write_spec(spec, out_dir)
+        result_path = out_dir / f"{spec.cell_id}.json"
+        before = host._mtime(result_path)
+        log_path = out_dir / "logs" / f"{spec.cell_id}.container.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        ct = None
+        state: dict = {}
+        try:
+            ct = self.client.containers.create(**opts.sdk_kwargs())
+            ct.start()
+            with open(log_path, "wb") as fh:
+                for chunk in ct.logs(stream=True, follow=True):
+                    fh.write(chunk)
+                    fh.flush()
+                    sys.stderr.buffer.write(chunk)
+                    sys.stderr.flush()
+            code = ct.wait().get("StatusCode")
+            ct.reload()
+            state = ct.attrs.get("State") or {}
+        finally:
+            if ct is not None:
+                try:
+                    ct.remove(force=True)
+                except Exception:  # noqa: BLE001 - gone already
+                    pass
+            # the runner's engine pid is a pid inside the container: meaningless (and unsafe) on the host
+            (out_dir / "logs" / f"{spec.cell_id}.engine.pid").unlink(missing_ok=True)
+        if host._mtime(result_path) != before:
+            return json.loads(result_path.read_text())
+        oom = bool(state.get("OOMKilled"))
+        why = "was OOM-killed (container memory limit " + self.settings.memory + ")" if oom else f"exited {code}"
+        return host.record_failure(spec, out_dir, f"container {why} before the runner wrote a result",
+                                   extra={"container_state": {k: state.get(k) for k in
+                                                              ("ExitCode", "OOMKilled", "Error", "FinishedAt")}},
+                                   logs=("engine", "container"))
