@@ -62,7 +62,8 @@ RUN if [ "$WITH_STOCK" = 1 ]; then python3 -m venv /opt/venvs/stock && cp -r /op
     && CMAKE_BUILD_PARALLEL_LEVEL=${BUILD_JOBS} \
        /opt/venvs/stock/bin/pip install --quiet /tmp/bindings ${RUNNER_REQUIREMENTS} && rm -rf /tmp/bindings; fi
 
-RUN useradd --create-home --uid 1000 kvmatrix && chmod -R a+rX /opt
+# (built with umask 022: world-readable already; chmod -R would copy every file into a new layer)
+RUN useradd --create-home --uid 1000 kvmatrix
 USER kvmatrix
 WORKDIR /tmp
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp

@@ -36,7 +36,9 @@ RUN python3 -m venv /opt/venvs/vllm \
  && if [ -n "${POST_UNINSTALL}" ]; then /opt/venvs/vllm/bin/pip uninstall -y ${POST_UNINSTALL}; fi \
  && /opt/venvs/vllm/bin/python -c "import vllm, sys; print('vllm', vllm.__version__, file=sys.stderr)"
 
-RUN useradd --create-home --uid 1000 kvmatrix && chmod -R a+rX /opt/venvs
+# (pip ran with umask 022: everything is world-readable already; a chmod -R here would copy every
+# file into a new layer and double the image)
+RUN useradd --create-home --uid 1000 kvmatrix
 USER kvmatrix
 WORKDIR /tmp
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp
