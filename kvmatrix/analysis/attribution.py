@@ -1,0 +1,112 @@
+"""Attribute a llama-server vs llama-cpp-python difference to the binding or to the build.
+
+On ONE llama.cpp source commit, model and runtime spec, the llama.cpp cells form a chain
+in which each step changes one thing:
+
+    server  llama-server over HTTP
+    shared  llama-cpp-python loading the SAME libllama.so      -> binding / API path (shared - server)
+    pip     llama-cpp-python compiled by pip, same CMake flags -> build               (pip - shared)
+    stock   llama-cpp-python as pip builds it by default       -> build flags         (stock - pip)
+
+Each step is a difference of median TTFT with a bootstrap 95% CI and a Mann-Whitney p,
+per condition (hit, miss) and per bindings API path (chat, template). Computed from the
+result JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+
+from kvmatrix.analysis.stats import compare, fmt_p
+from kvmatrix.analysis.summary import Row, build_rows
+
+STEPS = (("server", "shared", "binding / API path"), ("shared", "pip", "build (pip-compiled, same flags)"),
+         ("pip", "stock", "build flags (pip defaults)"))
+CONDITIONS = ("hit", "miss")
+
+
+def _variant(row: Row) -> str | None:
+    prov = row.cell.get("provenance") or {}
+    if row.cell.get("backend") == "llamacpp_http":
+        return "server"
+    if row.cell.get("backend") == "llamacpp_python":
+        return prov.get("build_variant") or "shared"
+    return None
+
+
+def _api(cell: dict) -> str | None:
+    """The bindings API path from the cell label ``llamacpp_python/<api>[ [build]][ @tag]``."""
+    label = str(cell.get("label") or "")
+    return label.split("/", 1)[1].split()[0] if "/" in label else None
+
+
+def _group_key(row: Row) -> str:
+    """What must be equal for two cells to be compared: model, source commit, runtime, config, runtime kind."""
+    c = row.cell
+    prov = c.get("provenance") or {}
+    requested = dict((c.get("runtime") or {}).get("requested") or {})
+    return json.dumps([(c.get("model") or {}).get("name"), (c.get("model") or {}).get("quant"),
+                       prov.get("llama_cpp_commit"), prov.get("llama_cpp_source"), prov.get("runtime_kind"),
+                       c.get("config"), requested], sort_keys=True, default=str)
+
+
+def rows(cells: list[dict]) -> list[dict]:
+    """One row per (group, API path, condition, step) where both ends of the step were measured."""
+    groups: dict[str, dict[tuple[str, str | None], Row]] = {}
+    for r in build_rows(cells):
+        v = _variant(r)
+        if v is None:
+            continue
+        api = None if v == "server" else _api(r.cell)
+        groups.setdefault(_group_key(r), {})[(v, api)] = r
+    out = []
+    for members in groups.values():
+        apis = sorted({api for (_v, api) in members if api})
+        for api in apis:
+            for a_name, b_name, what in STEPS:
+                a = members.get((a_name, None if a_name == "server" else api))
+                b = members.get((b_name, api))
+                if a is None or b is None:
+                    continue
+                for cond in CONDITIONS:
+                    cmp_ = compare(a.values(cond), b.values(cond))
+                    if cmp_.diff is None:
+                        continue
+                    prov = b.cell.get("provenance") or {}
+                    out.append({
+                        "source": f"{prov.get('llama_cpp_source')} ({prov.get('llama_cpp_commit')})",
+                        "runtime": prov.get("runtime_kind") or "host", "model": (b.cell.get("model") or {}).get("name"),
+                        "config": b.config, "api": api, "condition": cond, "step": f"{a_name} -> {b_name}",
+                        "attributed_to": what, "a_ms": a.summary(cond).median, "b_ms": b.summary(cond).median,
+                        "diff_ms": cmp_.diff, "diff_ci": cmp_.diff_ci, "p": cmp_.p, "n": (cmp_.n_a, cmp_.n_b),
+                    })
+    return out
+
+
+def section(cells: list[dict]) -> str:
+    """The report section, or '' when no cell pair shares a source, model and runtime."""
+    found = rows(cells)
+    if not found:
+        return ""
+
+    def ms(v):
+        return "n/a" if v is None else f"{v:.1f}"
+
+    lines = [
+        "## Server vs bindings: binding or build?",
+        "",
+        "On one llama.cpp commit, model and runtime spec, each step of server -> shared -> pip -> stock changes one "
+        "thing: `shared - server` is the binding and API path (same libllama.so), `pip - shared` the build "
+        "(pip-compiled with the same CMake flags), `stock - pip` the build flags (pip defaults). Difference of "
+        "median TTFT, bootstrap 95% CI, Mann-Whitney p.",
+        "",
+        "| Source | Runtime | Model | A/B | API | Condition | Step | Attributed to | From (ms) | To (ms) "
+        "| Difference (ms) [95% CI] | p | n |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in found:
+        ci = f" [{r['diff_ci'][0]:+.1f}, {r['diff_ci'][1]:+.1f}]" if r["diff_ci"] else ""
+        lines.append(f"| {r['source']} | {r['runtime']} | {r['model']} | {r['config']} | {r['api']} | "
+                     f"{r['condition']} | {r['step']} | {r['attributed_to']} | {ms(r['a_ms'])} | {ms(r['b_ms'])} | "
+                     f"{r['diff_ms']:+.1f}{ci} | {fmt_p(r['p'])} | {r['n'][0]}/{r['n'][1]} |")
+    return "\n".join(lines) + "\n"
