@@ -37,3 +37,28 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
     assert line.startswith("kvmatrix: error: ") and needle in line, line
     assert len(proc.stderr.strip().splitlines()) == 1  # refused before any work
     assert json.loads(keep.read_text()) == {"status": "ok"}  # nothing already written is touched
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--llama", "b100"], "no llama-cpp-python release within 150 builds"),
+        (["--llama", "b4000", "--bindings-version", "9.9.9"], "9.9.9"),
+        (["--shard", "3/2"], "--shard '3/2'"),
+        (["--vllm", "0.5.0"], "0.5.0"),
+        (["--llama-build", "server,wheel"], "unknown llama build 'wheel'"),
+    ],
+)
+def test_matrix_bad_input(tmp_path, args, needle):
+    out = tmp_path / "out"
+    proc = run_kvmatrix("matrix", "--runtime", "host", *args, "--out", str(out), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    line = _last_line(proc)
+    assert line.startswith("kvmatrix: error: ") and needle in line, line
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()  # refused before any work
+
+
+def test_run_refuses_several_versions(tmp_path):
+    proc = run_kvmatrix("run", "--llama-source", "vendored:0.3.36,b4000", "--out", str(tmp_path / "o"), timeout=120)
+    assert proc.returncode == 2 and "use `matrix`" in _last_line(proc)

@@ -125,7 +125,7 @@ def test_every_cell_gets_identical_container_options(tmp_path):
 
     def strip(cmd):  # drop what is per cell by design: name, env, labels, image + command
         keep, skip = [], 0
-        for i, x in enumerate(cmd[:-5]):
+        for x in cmd[:-5]:
             if skip:
                 skip -= 1
                 continue

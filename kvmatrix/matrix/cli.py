@@ -201,6 +201,16 @@ def run(args) -> int:
     _check_model_arg(args.model)
     for version in vllm_versions:
         vllmenv.check_version(version)
+    if getattr(args, "bindings_version", None):
+        from kvmatrix.matrix import bindings_map  # noqa: PLC0415
+
+        try:
+            bindings_map.for_version(args.bindings_version)
+        except bindings_map.BindingsMapError as exc:
+            raise UserError(str(exc)) from None
+    for spec_text in llama_specs:  # a tag needs a matching bindings release: refuse now, not after building
+        if llamacpp.build_number(spec_text) is not None:
+            llamacpp.bindings_for_tag(spec_text, getattr(args, "bindings_version", None))
 
     # -- the cells: (family, version) x phase x build x experiment x config; then this host's shard
     if matrix and "3a" in phases and "server" not in builds:
