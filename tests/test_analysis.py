@@ -14,7 +14,7 @@ import pytest
 
 from kvmatrix.analysis import figures as figures_mod
 from kvmatrix.analysis import roofline, stats
-from kvmatrix.analysis.figures import SPECS, make_figures, ttft_split
+from kvmatrix.analysis.figures import SPECS, fig1_panels, make_figures, ttft_split
 from kvmatrix.analysis.report import NoCellsError, main, write_report
 from kvmatrix.analysis.summary import (
     build_evidence,
@@ -195,8 +195,50 @@ def sweep_cell(phase, backend, n_batch, *, seed, gpu=True, n=5, label=None):
     return doc
 
 
+SLOT_CONDS = ("cache_hit", "cache_miss", "other_slot", "server_hit", "server_miss", "alternate")
+
+
+def slot_cell(n_parallel, *, seed, n=5, n_ctx=2048, per_token=0.05):
+    """A slot_eviction cell as the runner writes it: [A,B,Q] = 799 tokens fits 2048 and 1024 per slot, not 512;
+    with one slot another prefix evicts [A,B], with two it stays; with 512 per slot [A,B] (783) is refused."""
+    rng = np.random.default_rng(seed)
+    doc = _doc(f"slot_eviction-phase3a-llamacpp_http-p{n_parallel}-512x256", "3a", "llamacpp_http",
+               "slot_eviction", gpu=False)
+    doc["runtime"]["effective"].update(n_ctx=n_ctx, n_parallel=n_parallel, n_ctx_per_slot=n_ctx // n_parallel,
+                                       kv_unified=False)
+    slot_ctx = n_ctx // n_parallel
+    prompts = {"[A,B]": 783, "[A,B,Q]": 799, "[B,Q]": 287, "[A',B']": 783}
+    hit, miss = (799, 776), (287, 4)
+    other = hit if n_parallel == 1 else (799, 4)
+    shapes = {"cache_hit": (hit, 0, 776), "cache_miss": (miss, 0, 4), "other_slot": (other, 1 % n_parallel, 4),
+              "server_hit": (hit, 0, 776), "server_miss": (miss, min(1, n_parallel - 1), 4 if n_parallel == 1 else 782),
+              "alternate": ((799, 4) if n_parallel == 1 else hit, 0, 782)}
+    refused = []
+    for cond, ((prompt, cached), slot, rewarm) in shapes.items():
+        ts = []
+        for i in range(n):
+            if prompts["[A,B]"] >= slot_ctx:
+                refused.append({"condition": cond, "trial": i, "warmup": False, "prompt": "[A,B]",
+                                "prompt_tokens": 783, "n_ctx": slot_ctx, "id_slot": 0,
+                                "message": f"request (783 tokens) exceeds the available context size ({slot_ctx})"})
+                continue
+            ttft = 3.0 + per_token * (prompt - cached) + abs(rng.normal(0, 0.3))
+            ts.append(_trial(i, False, ttft, prompt, cached, rng=rng, extra={
+                "id_slot": slot, "warmup_id_slot": 0, "rewarm_time_ms": 3.0 + per_token * (783 - rewarm),
+                "rewarm_cached_tokens": rewarm, "rewarm_id_slot": 0}))
+        doc[cond] = _block(ts)
+    doc["order"] = [f"{c}:{i}" for i in range(n) for c in SLOT_CONDS]
+    doc["slot_eviction"] = {
+        "n_parallel": n_parallel, "slot_ctx": [slot_ctx] * n_parallel, "prompts": prompts,
+        "fits": {k: v < slot_ctx for k, v in prompts.items()}, "conditions": {c: f"what {c} does" for c in SLOT_CONDS},
+        "refused": refused, "slots_at_end": []}
+    doc["keep_warm"] = {"requested": True, "active": False, "reason": "engine runs on the CPU (n_gpu_layers=0)"}
+    return doc
+
+
 def full_run_docs() -> list[dict]:
-    """invalidation (two backends, two configs, one on a GPU with NVML samples) + recompute_scan + batch_sweep."""
+    """invalidation (two backends, two configs, one on a GPU with NVML samples) + recompute_scan + batch_sweep
+    + slot_eviction (1, 2, 4 slots)."""
     py = "llamacpp_python/chat"
     return [
         invalidation_cell("3a", "llamacpp_http", 512, 256, seed=1, warm_tokens=True, throttle=9),
@@ -208,6 +250,7 @@ def full_run_docs() -> list[dict]:
         scan_cell("3b", "llamacpp_python", seed=6, per_token=0.08, gpu=False, label=py),
         *[sweep_cell("3a", "llamacpp_http", nb, seed=10 + nb) for nb in (64, 128, 256, 512, 2048)],
         *[sweep_cell("3b", "llamacpp_python", nb, seed=20 + nb, gpu=False, label=py) for nb in (64, 256, 2048)],
+        *[slot_cell(n, seed=30 + n) for n in (1, 2, 4)],
         failed_cell("1", "vllm_http", "engine exited with code 1"),
     ]
 
@@ -432,6 +475,27 @@ def test_device_state_and_clock_drop():
     assert not device_state(invalidation_cell("3b", "llamacpp_python", 512, 256, seed=2, gpu=False)).has_data
 
 
+def test_fig1_one_panel_per_model_split_by_phase_above_eight_series():
+    docs = []
+    for phase, backend, label in (("3a", "llamacpp_http", None), ("3b", "llamacpp_python", "llamacpp_python/chat")):
+        for i in range(5):  # five runs of one backend on the llama-1b model: five series
+            for a, b in ((512, 256), (256, 512)):
+                d = invalidation_cell(phase, backend, a, b, seed=i, n=3, label=label)
+                d["run"] = f"r{i}"
+                d["runtime"]["requested"]["flash_attn"] = i % 2 == 1
+                docs.append(d)
+    docs += [invalidation_cell("3b", "llamacpp_python", 512, 256, seed=9, gpu=False, n=3)]  # tiny model
+    panels = fig1_panels(build_rows(docs))
+    assert [p.title for p in panels] == ["llama-1b/f16, phase 3a", "llama-1b/f16, phase 3b", "tiny/f16"]
+    first = list(dict.fromkeys(panels[0].names))
+    assert len(first) == 5 and len(panels[0].rows) == 10  # every config of a series stays in its panel
+    assert first[0] == "3a llamacpp_http (FA off) (run r0)" and first[1] == "3a llamacpp_http (FA on) (run r1)"
+    assert panels[2].names == ["3b llamacpp_python"]  # one series: no settings or run to tell apart
+    chunks = fig1_panels(build_rows(docs), max_series=2)
+    assert [p.title for p in chunks][:3] == ["llama-1b/f16, phase 3a (1/3)", "llama-1b/f16, phase 3a (2/3)",
+                                             "llama-1b/f16, phase 3a (3/3)"]
+
+
 def test_recompute_points_use_engine_counts_only():
     docs = full_run_docs()
     points, skipped = recompute_points(docs)
@@ -536,7 +600,7 @@ def test_full_run_produces_every_figure(full_report):
         assert b"<svg" in svg.read_bytes()[:500], name
         assert f"](figures/{name}.png)" in text, name
     assert "skipped (" not in text
-    assert len(ALL_FIGURES) == 8
+    assert len(ALL_FIGURES) == 9
 
 
 def test_full_run_report_sections(full_report):
@@ -561,6 +625,18 @@ def test_full_run_report_sections(full_report):
     assert "H100 SXM" in roof and "CPU, 8 threads *" in roof and "FLOPs = 2 · params · r" in roof
     flagged = [r[:3] for r in table_rows(section(text, "Outlier trials"))]
     assert ["phase3a-llamacpp_http-512x256", "miss", "7"] in flagged  # the slow miss, flagged, kept
+    slots = section(text, "Slot eviction: llama-server with N slots at one total context")
+    header = table_header(slots)
+    main_rows = [dict(zip(header, r, strict=True)) for r in table_rows(slots)[:3]]
+    assert [(r["N slots"], r["Per-slot ctx (tok)"], r["[A,B,Q] fits"]) for r in main_rows] == [
+        ("1", "2048", "yes"), ("2", "1024", "yes"), ("4", "512", "no")]
+    assert main_rows[0]["cache_n / prompt hit"] == "776 / 799" and main_rows[0]["Verified"] == "30/30"
+    assert main_rows[2]["Hit TTFT (ms) median [95% CI]"] == "refused 5× ([A,B], 783 tok ≥ slot 512)"
+    assert main_rows[2]["Refused trials"] == "30"
+    every = slots.split("### Every condition")[1]
+    alternate = {r[2]: r for r in table_rows(every) if r[3] == "alternate"}
+    assert alternate["1"][7] == "4 / 799" and alternate["2"][7] == "776 / 799"
+    assert "fig6_slot_eviction.png" in slots
     dev = section(text, "Device state (NVML)")
     assert "1400–1980" in dev and "no NVML data (CPU run)" in dev and "Clock drops" in dev
     figs = section(text, "Figures")

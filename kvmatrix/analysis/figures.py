@@ -29,6 +29,8 @@ from matplotlib.patches import Patch
 
 from kvmatrix.analysis.stats import Summary, fmt_p, linear_fit
 from kvmatrix.analysis.summary import (
+    SERIES_ATTRS,
+    SLOT_CONDITIONS,
     Evidence,
     NoCellsError,
     Row,
@@ -37,6 +39,7 @@ from kvmatrix.analysis.summary import (
     config_key,
     load_required,
     recompute_points,
+    series_names,
     stat,
     version_text,
 )
@@ -45,6 +48,7 @@ from kvmatrix.runners.results import atomic_target
 DPI = 150
 FORMATS = ("png", "svg")
 LOG_RATIO = 30  # switch a TTFT axis to log scale when max/min exceeds this
+SYMLOG_PCT = 100.0  # fig3: linear part of the symlog degradation axis, in %
 CONDITIONS = (("hit", "cache hit"), ("miss", "cache miss"))
 CI_NOTE = "error bars = 95% bootstrap CI of the median"
 STABLE_SVG = {"svg.hashsalt": "kvmatrix"}  # stable SVG ids: same results, same file
@@ -56,7 +60,7 @@ class FigureResult:
 
     name: str
     title: str
-    section: str  # "invalidation" | "recompute_scan" | "batch_sweep"
+    section: str  # "invalidation" | "recompute_scan" | "batch_sweep" | "slot_eviction"
     path: Path | None = None
     note: str = ""
     caption: str = ""
@@ -161,7 +165,7 @@ def _pct(v: float | None) -> str:
 
 def wrap(name: str, width: int) -> str:
     """Wrap a label at spaces and after slashes, never inside a word."""
-    text = textwrap.fill(name.replace("/", "/ "), width, break_long_words=False)
+    text = textwrap.fill(name.replace("/", "/ "), width, break_long_words=False, break_on_hyphens=False)
     return text.replace("/ ", "/")
 
 
@@ -206,58 +210,133 @@ def series_linestyle(i: int) -> str:
     return ("-", "--", ":", "-.")[(i // 20) % 4]
 
 
-def _ttft_grid(ev: Evidence):
-    """(rows, configs in order, series names in order, {(name, (a, b)): row}) of the invalidation rows; None if none."""
-    rows = _ttft_rows(ev)
-    if not rows:
-        return None
-    configs = sorted({(r.a, r.b) for r in rows}, key=lambda ab: config_key(*ab))
-    names = list(dict.fromkeys(r.name for r in rows))
-    return rows, configs, names, {(r.name, (r.a, r.b)): r for r in rows}
+MAX_SERIES = 8  # series per fig1 panel; more are split by phase, then into chunks
+
+
+@dataclass
+class Panel:
+    """One panel of fig1: the rows of one model (and phase / chunk when split), named within it."""
+
+    title: str
+    rows: list[Row]
+    names: list[str]  # series name per row, unique per config within the panel
+
+
+def _model_of(r: Row) -> str:
+    m = r.cell.get("model") or {}
+    return f"{m.get('name') or '?'}{'/' + m['quant'] if m.get('quant') else ''}"
+
+
+def _short_names(rows: list[Row]) -> list[str]:
+    """Phase and label, with the TTFT-relevant settings on every series when they differ anywhere in the
+    panel, then the fewest further attributes (run, then cell) that tell apart the rows sharing a config.
+    The model is the panel's, so it is never repeated in a series name."""
+    cells = [r.cell for r in rows]
+    settings = [SERIES_ATTRS["settings"](c) for c in cells]
+    shown = [f" ({t})" if t and len(set(settings)) > 1 else "" for t in settings]
+    base = [f"{r.phase} {r.cell.get('label') or r.cell.get('backend')}{x}" for r, x in zip(rows, shown, strict=True)]
+    for attrs in ((), ("run",), ("run", "cell")):
+        extra = series_names([{**c, "label": b} for c, b in zip(cells, base, strict=True)], attrs) if attrs else base
+        if len(set(zip(extra, [(r.a, r.b) for r in rows], strict=True))) == len(rows):
+            return extra
+    return [f"{r.phase} {r.cell_id}" for r in rows]
+
+
+def fig1_panels(rows: list[Row], max_series: int = MAX_SERIES) -> list[Panel]:
+    """One panel per model; a model with more than ``max_series`` series is split by phase, and a phase
+    that still has too many into chunks (series in order, each chunk with all its configs)."""
+    panels = []
+    for model in dict.fromkeys(_model_of(r) for r in rows):
+        mrows = [r for r in rows if _model_of(r) == model]
+        groups = [(model, mrows)]
+        if len(set(_short_names(mrows))) > max_series:
+            groups = [(f"{model}, phase {ph}", [r for r in mrows if r.phase == ph])
+                      for ph in dict.fromkeys(r.phase for r in mrows)]
+        for title, grows in groups:
+            names = _short_names(grows)
+            order = list(dict.fromkeys(names))
+            chunks = [order[i:i + max_series] for i in range(0, len(order), max_series)]
+            for k, chunk in enumerate(chunks):
+                sel = [(r, n) for r, n in zip(grows, names, strict=True) if n in chunk]
+                panels.append(Panel(title + (f" ({k + 1}/{len(chunks)})" if len(chunks) > 1 else ""),
+                                    [r for r, _ in sel], [n for _, n in sel]))
+    return panels
 
 
 def fig1_invalidation_cost(ev: Evidence) -> Figure | str:
-    """Grouped bars: x = config, per backend a hit and a miss bar (median, 95 % CI)."""
-    grid = _ttft_grid(ev)
-    if grid is None:
+    """Grouped bars, one panel per model: x = config, per series a hit (light) and a miss (dark) bar
+    (median, 95 % CI), the miss labelled with its change vs the hit; one legend for all panels."""
+    rows = _ttft_rows(ev)
+    if not rows:
         return NO_INVALIDATION
-    rows, configs, series, by_key = grid
-    colors = {name: series_color(i, len(series)) for i, name in enumerate(series)}
-    summaries = [r.summary(c) for r in rows for c in ("hit", "miss")]
-    log = _is_log([s.median for s in summaries if s.median])
+    return _paired_figure(
+        fig1_panels(rows), lambda r, c: r.summary(c), lambda r: _pct(r.comparison().rel_pct),
+        "Streaming TTFT,\nmedian (ms)", "cache hit", "cache miss",
+        "Invalidation cost: time to first token, cache hit vs cache miss, one panel per model\n"
+        f"bars = median, {CI_NOTE}; label = miss vs hit change of the medians")
 
-    fig = Figure(figsize=(max(7.0, 1.5 + len(configs) * len(series) * 1.0), 5.0))
-    ax = fig.subplots()
-    width = 0.8 / (2 * len(series))
-    for s, name in enumerate(series):
+
+def _paired_panel(ax, panel: Panel, colors: dict, summary_of, label_of, ylabel: str) -> None:
+    """x = config; per series a light bar (``summary_of(row, "hit")``) and a dark one (``"miss"``), with
+    the dark one labelled ``label_of(row)``; log axis when the medians span more than LOG_RATIO."""
+    configs = sorted({(r.a, r.b) for r in panel.rows}, key=lambda ab: config_key(*ab))
+    names = list(dict.fromkeys(panel.names))
+    by_key = {(n, (r.a, r.b)): r for r, n in zip(panel.rows, panel.names, strict=True)}
+    summaries = [summary_of(r, c) for r in panel.rows for c in ("hit", "miss")]
+    log = _is_log([s.median for s in summaries if s.median])
+    width = 0.8 / (2 * len(names))
+    for s, name in enumerate(names):
         for k, (cond, _) in enumerate(CONDITIONS):
             for x, cfg in enumerate(configs):
                 pos = x - 0.4 + width * (2 * s + k + 0.5)
                 r = by_key.get((name, cfg))
-                st = r.summary(cond) if r else Summary(0)
+                st = summary_of(r, cond) if r else Summary(0)
                 if st.median is None:
                     _na(ax, pos)
                     continue
-                ax.bar(pos, st.median, width, yerr=_err(st, log), capsize=3,
+                ax.bar(pos, st.median, width, yerr=_err(st, log), capsize=2,
                        color=_tint(colors[name]) if cond == "hit" else colors[name],
                        edgecolor=colors[name], linewidth=0.8)
                 if cond == "miss":
-                    ax.annotate(_pct(r.comparison().rel_pct), (pos, _top(st)), xytext=(0, 3),
+                    ax.annotate(label_of(r), (pos, _top(st)), xytext=(0, 2),
                                 textcoords="offset points", ha="center", va="bottom", fontsize=7,
-                                rotation=90 if len(series) > 2 else 0)
+                                rotation=90 if len(names) > 2 else 0)
     ax.set_xticks(range(len(configs)), [f"A/B = {_ab(a)}/{_ab(b)}" for a, b in configs])
-    ax.set_xlabel("Config: context A / context B size (tokens)")
-    ax.set_ylabel("Streaming TTFT, median (ms)" + (", log scale" if log else ""))
-    _limits(ax, [_top(s) for s in summaries], log, lows=[s.median for s in summaries])
-    ax.set_title("Invalidation cost: time to first token, cache hit vs cache miss\n"
-                 f"bars = median, {CI_NOTE}; label = miss vs hit change of the medians", fontsize=10)
-    handles = [
-        Patch(facecolor=_tint(c) if cond == "hit" else c, edgecolor=c, label=f"{name}: {label}")
-        for name, c in colors.items()
-        for cond, label in CONDITIONS
-    ]
-    _legend_right(ax, handles)
+    ax.set_xlim(-0.5, len(configs) - 0.5)
+    for x in range(len(configs) - 1):
+        ax.axvline(x + 0.5, color="grey", linewidth=0.6, linestyle=":")
+    ax.set_ylabel(ylabel + (", log" if log else ""))
+    _limits(ax, [_top(s) for s in summaries], log, room=1.3, lows=[s.median for s in summaries])
+    ax.set_title(panel.title, fontsize=10, loc="left", fontweight="bold")
     ax.grid(axis="y", alpha=0.3)
+
+
+BELOW_IN = 5.5  # height of the extra panel under a paired figure
+
+
+def _paired_figure(panels: list[Panel], summary_of, label_of, ylabel: str, light: str, dark: str,
+                   title: str, below=None, below_slots: int = 0) -> Figure:
+    """fig1's layout: a panel per model (``fig1_panels``), colours per series, one legend for all;
+    ``below(ax)`` draws one more full-width panel underneath (``below_slots`` x positions wide)."""
+    series = list(dict.fromkeys(n for p in panels for n in p.names))
+    colors = {name: series_color(i, len(series)) for i, name in enumerate(series)}
+    most = max(len(set(p.names)) * len({(r.a, r.b) for r in p.rows}) for p in panels)
+    heights = [4.2] * len(panels) + ([BELOW_IN] if below else [])
+    fig = Figure(figsize=(max(8.0, 1.5 + 0.55 * most, 3.0 + 1.8 * below_slots), 0.6 + sum(heights)))
+    axes = fig.subplots(len(heights), 1, squeeze=False, height_ratios=heights)[:, 0]
+    for ax, panel in zip(axes[:len(panels)], panels, strict=True):
+        _paired_panel(ax, panel, colors, summary_of, label_of, ylabel)
+    axes[len(panels) - 1].set_xlabel("Config: context A / context B size (tokens)")
+    if below:
+        below(axes[-1])
+    handles = [Patch(facecolor=colors[n], edgecolor=colors[n], label=n) for n in series]
+    handles += [Patch(facecolor=_tint("grey"), edgecolor="grey", label=f"light: {light}"),
+                Patch(facecolor="grey", edgecolor="grey", label=f"dark: {dark}")]
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.99))
+    top = axes[0].get_position().y1
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, top), fontsize=8, frameon=False,
+               title="Series (phase, backend, settings)", title_fontsize=8)
     return fig
 
 
@@ -364,40 +443,48 @@ def _diff_panel(ax, rows: list[Row], xs: list[float]) -> None:
 
 
 def experiment1_phase_comparison(ev: Evidence) -> Figure | str:
-    """One panel per config; in each, every backend's hit and miss median TTFT with 95 % CI."""
-    grid = _ttft_grid(ev)
-    if grid is None:
+    """A row of panels per model (as fig1 groups them), one panel per config; in each, every series'
+    hit and miss median TTFT with 95 % CI and the value on top."""
+    rows = _ttft_rows(ev)
+    if not rows:
         return NO_INVALIDATION
-    rows, configs, names, by_key = grid
-    meds = [r.summary(c).median for r in rows for c in ("hit", "miss") if r.summary(c).median]
-    log = _is_log(meds)
-    fig = Figure(figsize=(max(8.0, 1.5 + len(configs) * (1.0 + 1.1 * len(names))), 5.8))
-    axes = fig.subplots(1, len(configs), sharey=True, squeeze=False)[0]
+    panels = fig1_panels(rows)
+    configs = sorted({(r.a, r.b) for r in rows}, key=lambda ab: config_key(*ab))
+    most = max(len(set(p.names)) for p in panels)
+    fig = Figure(figsize=(max(8.0, 1.5 + len(configs) * (0.6 + 0.75 * most)), 0.9 + 4.6 * len(panels)))
+    axes = fig.subplots(len(panels), len(configs), sharey="row", squeeze=False)
     w = 0.38
-    tops = []
-    for ax, cfg in zip(axes, configs, strict=True):
-        for x, name in enumerate(names):
-            r = by_key.get((name, cfg))
-            for k, (cond, _) in enumerate(CONDITIONS):
-                pos = x + (k - 0.5) * w
-                s = r.summary(cond) if r else Summary(0)
-                if s.median is None:
-                    _na(ax, pos)
-                    continue
-                ax.bar(pos, s.median, w, yerr=_err(s, log), capsize=3, color=_tint("C0") if cond == "hit" else "C3",
-                       edgecolor="C0" if cond == "hit" else "C3", linewidth=0.8)
-                tops.append(_top(s))
-                ax.annotate(f"{s.median:.0f}" if s.median >= 10 else f"{s.median:.1f}", (pos, _top(s)),
-                            xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
-        _xticks(ax, range(len(names)), [wrap(n, 20) for n in names])
-        ax.set_title(f"A/B = {_ab(cfg[0])}/{_ab(cfg[1])} tokens", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    _limits(axes[0], tops, log, room=1.15, lows=meds)
-    axes[0].set_ylabel("Streaming TTFT, median (ms)" + (", log scale" if log else ""))
-    axes[-1].legend(handles=_hit_miss_handles(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                    frameon=False)
-    fig.suptitle(f"Phase comparison: every backend, cache hit vs cache miss\nbars = median (value on top), {CI_NOTE}",
-                 fontsize=11)
+    for axrow, panel in zip(axes, panels, strict=True):
+        names = list(dict.fromkeys(panel.names))
+        by_key = {(n, (r.a, r.b)): r for r, n in zip(panel.rows, panel.names, strict=True)}
+        meds = [r.summary(c).median for r in panel.rows for c in ("hit", "miss") if r.summary(c).median]
+        log = _is_log(meds)
+        tops = []
+        for ax, cfg in zip(axrow, configs, strict=True):
+            for x, name in enumerate(names):
+                r = by_key.get((name, cfg))
+                for k, (cond, _) in enumerate(CONDITIONS):
+                    pos = x + (k - 0.5) * w
+                    st = r.summary(cond) if r else Summary(0)
+                    if st.median is None:
+                        _na(ax, pos)
+                        continue
+                    ax.bar(pos, st.median, w, yerr=_err(st, log), capsize=3,
+                           color=_tint("C0") if cond == "hit" else "C3",
+                           edgecolor="C0" if cond == "hit" else "C3", linewidth=0.8)
+                    tops.append(_top(st))
+                    ax.annotate(f"{st.median:.0f}" if st.median >= 10 else f"{st.median:.1f}", (pos, _top(st)),
+                                xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+            _xticks(ax, range(len(names)), [wrap(n, 16) for n in names], fontsize=7)
+            ax.set_xlim(-0.6, len(names) - 0.4)
+            ax.set_title(f"{panel.title}: A/B = {_ab(cfg[0])}/{_ab(cfg[1])} tokens", fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
+        _limits(axrow[0], tops, log, room=1.15, lows=meds)
+        axrow[0].set_ylabel("Streaming TTFT, median (ms)" + (", log scale" if log else ""))
+    axes[0][-1].legend(handles=_hit_miss_handles(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                       frameon=False)
+    fig.suptitle("Phase comparison: every backend, cache hit vs cache miss, a row per model\n"
+                 f"bars = median (value on top), {CI_NOTE}", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -481,8 +568,10 @@ def _separate_series(ax, rows: list[Row], xs: list[float]) -> None:
 def _label_series(ax, rows: list[Row], xs: list[float]) -> int:
     """Backend names centred under their group of config ticks; returns the most lines used."""
     most = 1
-    for name, first, last, n in _groups(rows, xs):
-        text = wrap(name, max(22, 16 * n))
+    lo, hi = ax.get_xlim()
+    unit_in = ax.get_position().width * ax.figure.get_figwidth() / max(1e-9, hi - lo)  # inches per x unit
+    for name, first, last, _ in _groups(rows, xs):
+        text = wrap(name, max(10, int((last - first + 0.9) * unit_in / (CHAR_IN * 9 / 8))))
         most = max(most, text.count("\n") + 1)
         ax.text((first + last) / 2, -0.13, text, fontsize=9,
                 ha="center", va="top", transform=ax.get_xaxis_transform())
@@ -637,8 +726,16 @@ def fig3_degradation(ev: Evidence) -> Figure | str:
     ax.axhline(0, color="black", linewidth=0.6)
     _xticks(ax, range(len(groups)), [wrap(n, 24) + (f"\n{wrap(v, 24)}" if v else "") for n, v in groups])
     top = max(tops or [1.0])
-    ax.set_ylim(min(0.0, ax.get_ylim()[0]), top * 1.25)
-    ax.set_ylabel("TTFT degradation of the miss (%)\n(median miss − median hit) / median hit")
+    values = sorted(abs(r.comparison().rel_pct) for r in rows)
+    typical = max(values[len(values) // 2], SYMLOG_PCT / 10)
+    symlog = top / typical > LOG_RATIO  # a few huge degradations would flatten every other bar to zero
+    if symlog:
+        ax.set_yscale("symlog", linthresh=SYMLOG_PCT)
+        ax.set_ylim(min(0.0, ax.get_ylim()[0]), top * 4)
+    else:
+        ax.set_ylim(min(0.0, ax.get_ylim()[0]), top * 1.25)
+    ax.set_ylabel("TTFT degradation of the miss (%)\n(median miss − median hit) / median hit"
+                  + (f"\nsymlog: linear within ±{SYMLOG_PCT:.0f} %, log beyond" if symlog else ""))
     ax.set_title(f"TTFT degradation per backend, engine version and build\n{CI_NOTE.replace('median', 'ratio')}",
                  fontsize=10)
     _legend_right(ax, [Patch(facecolor=colors[c], edgecolor="black", label=f"A/B = {_ab(c[0])}/{_ab(c[1])}")
@@ -651,46 +748,26 @@ def fig3_degradation(ev: Evidence) -> Figure | str:
 
 
 def fig4_cascade(ev: Evidence) -> Figure | str:
-    """Warm-up time of [A,B] after a miss vs after a hit (and its cached/recomputed tokens when recorded)."""
-    found = [(r, c) for r in ev.rows if (c := cascade(r)[0]) is not None]
+    """Warm-up time of [A,B] after a miss (dark) vs after a hit (light), in fig1's layout (a panel per
+    model, colours per series); a second figure row of cached/recomputed tokens where they were recorded."""
+    found = {id(r): c for r in ev.rows if (c := cascade(r)[0]) is not None}
     if not found:
         reasons = sorted({cascade(r)[1] for r in ev.rows}) or ["no ok invalidation cell"]
         return "; ".join(reasons)
-    with_tokens = [(r, c) for r, c in found if c.tokens("hit") or c.tokens("miss")]
-    n = len(found)
-    width = max(7.0, 2.0 + 1.2 * n)
-    extra = max(5.0, 2.5 + 1.8 * len(with_tokens)) if with_tokens else 0.0
-    fig = Figure(figsize=(width + extra, 5.8))
-    axes = fig.subplots(1, 2 if with_tokens else 1, squeeze=False, width_ratios=[width, extra] if with_tokens
-                        else None)[0]
-    ax = axes[0]
-    w = 0.38
-    tops = []
-    colors = {"miss": "C3", "hit": _tint("C0")}
-    for x, (_, c) in enumerate(found):
-        for k, prev in enumerate(("miss", "hit")):
-            s = c.summary(prev)
-            pos = x + (k - 0.5) * w
-            if s.median is None:
-                _na(ax, pos)
-                continue
-            ax.bar(pos, s.median, w, yerr=_err(s), capsize=3, color=colors[prev], edgecolor="black", linewidth=0.5)
-            ax.annotate(f"n={s.n}", (pos, _top(s)), xytext=(0, 2), textcoords="offset points", ha="center",
-                        va="bottom", fontsize=7)
-            tops.append(_top(s))
-    _xticks(ax, range(n), [_row_label(r) for r, _ in found])
-    _limits(ax, tops, False, room=1.2)
-    ax.set_ylabel("Warm-up [A,B] request time, median (ms)")
-    ax.set_title(f"Warm-up after a miss vs after a hit\n(each trial's warm-up attributed to the query run before "
-                 f"it; {CI_NOTE})", fontsize=10)
-    ax.legend(handles=[Patch(facecolor=colors["miss"], edgecolor="black", label="after a cache miss"),
-                       Patch(facecolor=colors["hit"], edgecolor="black", label="after a cache hit")],
-              fontsize=8, loc="upper left")
-    ax.grid(axis="y", alpha=0.3)
-    if with_tokens:
-        _cascade_tokens(axes[1], with_tokens)
-    fig.tight_layout()
-    return fig
+    rows = [r for r in ev.rows if id(r) in found]
+    with_tokens = [(r, found[id(r)]) for r in rows if found[id(r)].tokens("hit") or found[id(r)].tokens("miss")]
+
+    def ratio(r: Row) -> str:
+        m, h = found[id(r)].summary("miss").median, found[id(r)].summary("hit").median
+        return f"×{m / h:.1f}" if m and h else ""
+
+    title = ("Warm-up cascade: the [A,B] warm-up after a miss vs after a hit, one panel per model\n"
+             f"each trial's warm-up attributed to the query run before it; {CI_NOTE}; label = after-miss / "
+             "after-hit ratio of the medians")
+    return _paired_figure(fig1_panels(rows), lambda r, c: found[id(r)].summary(c), ratio,
+                          "Warm-up [A,B] time,\nmedian (ms)", "after a cache hit", "after a cache miss", title,
+                          below=(lambda ax: _cascade_tokens(ax, with_tokens)) if with_tokens else None,
+                          below_slots=len(with_tokens))
 
 
 def _cascade_tokens(ax, found) -> None:
@@ -763,6 +840,79 @@ def fig5_miss_ttft_vs_nbatch(ev: Evidence) -> Figure | str:
     return fig
 
 
+# ---------------------------------------------------------------- fig6: slot eviction
+
+
+def fig6_slot_eviction(ev: Evidence) -> Figure | str:
+    """Per condition and slot count: TTFT of the timed query, the share of it served from the cache
+    (engine cache_n), and the re-warm of [A,B] after it; refused conditions marked. One column per
+    backend / config / total context, the three metrics stacked."""
+    if not ev.slots:
+        return "no ok slot_eviction cell"
+    groups = list(dict.fromkeys((r.series, r.config, r.n_ctx_total) for r in ev.slots))
+    counts = sorted({r.n_parallel for r in ev.slots if r.n_parallel is not None})
+    colors = {n: f"C{i % 10}" for i, n in enumerate(counts)}
+    conds = list(SLOT_CONDITIONS)
+    fig = Figure(figsize=(11.5 * len(groups) + 1.5, 12.0))
+    axes = fig.subplots(3, len(groups), squeeze=False, sharex=True)
+    w = 0.8 / max(1, len(counts))
+    panels = [("ttft_ms", "Timed query TTFT,\nmedian (ms)", f"(a) Time to first token of the timed query; {CI_NOTE}"),
+              ("share", "Query prompt served\nfrom cache (%)",
+               "(b) Share of the timed query's prompt the engine reused: median cache_n / prompt tokens"),
+              ("rewarm_time_ms", "Re-warm [A,B],\nmedian (ms)",
+               f"(c) Getting [A,B] back: the warm-up request right after the query; {CI_NOTE}")]
+    for g, (series, config, total) in enumerate(groups):
+        rows = sorted((r for r in ev.slots if (r.series, r.config, r.n_ctx_total) == (series, config, total)),
+                      key=lambda r: r.n_parallel or 0)
+        for ax, (metric, ylabel, title) in zip(axes[:, g], panels, strict=True):
+            _slot_panel(ax, rows, conds, counts, colors, w, metric)
+            ax.set_ylabel(ylabel)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlim(-0.6, len(conds) - 0.4)
+            ax.grid(axis="y", alpha=0.3)
+        axes[-1][g].set_xticks(range(len(conds)), [f"{c}\n{wrap(SLOT_CONDITIONS[c], 18)}" for c in conds],
+                               fontsize=8)
+        axes[-1][g].set_xlabel("Condition: warm-up → timed query (pinned slots, or the server's choice; "
+                               "[A',B'] = another client's prefix)")
+        handles = [Patch(facecolor=colors[r.n_parallel], edgecolor="black",
+                         label=f"N = {r.n_parallel} slot{'s' if r.n_parallel != 1 else ''}: {_ab(r.slot_ctx)} "
+                               f"tok/slot" + ("" if r.fits.get("[A,B,Q]", True)
+                                              else f", [A,B,Q] ({r.prompts.get('[A,B,Q]')} tok) does not fit"))
+                   for r in rows if r.n_parallel in colors]
+        axes[0][g].legend(handles=handles, fontsize=8, loc="upper left", frameon=True,
+                          title=f"{wrap(series, 40)}, A/B = {config}, n_ctx = {_ab(total)}", title_fontsize=8)
+    fig.suptitle("Slot eviction: llama-server with N slots sharing one total context", fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def _slot_panel(ax, rows, conds: list[str], counts: list[int], colors: dict, w: float, metric: str) -> None:
+    """Bars per (condition, slot count); a condition whose trials were all refused gets a red 'refused'."""
+    bars = []  # (position, summary or share, colour)
+    for r in rows:
+        k = counts.index(r.n_parallel) if r.n_parallel in counts else 0
+        for x, name in enumerate(conds):
+            pos = x - 0.4 + w * (k + 0.5)
+            c = r.conditions.get(name)
+            if c is None or not c.trials:
+                refused = c is not None and bool(c.refused)
+                ax.text(pos, 0.02, "refused" if refused else "n/a", transform=ax.get_xaxis_transform(),
+                        rotation=90, ha="center", va="bottom", fontsize=7, color="C3" if refused else "grey")
+                continue
+            value = c.cached_share if metric == "share" else c.summary(metric)
+            if value is not None and (metric == "share" or value.median is not None):
+                bars.append((pos, value, colors[r.n_parallel]))
+    if metric == "share":
+        for pos, v, color in bars:
+            ax.bar(pos, 100 * v, w, color=color, edgecolor="black", linewidth=0.5)
+        ax.set_ylim(0, 105)
+        return
+    log = _is_log([st.median for _, st, _ in bars])
+    for pos, st, color in bars:
+        ax.bar(pos, st.median, w, yerr=_err(st, log), capsize=2, color=color, edgecolor="black", linewidth=0.5)
+    _limits(ax, [_top(st) for _, st, _ in bars], log, room=1.15, lows=[st.median for _, st, _ in bars])
+
+
 # ---------------------------------------------------------------- registry, CLI
 
 
@@ -787,6 +937,9 @@ SPECS: list[Spec] = [
          "per backend."),
     Spec("fig5_miss_ttft_vs_nbatch", "Miss TTFT vs n_batch", "batch_sweep", fig5_miss_ttft_vs_nbatch,
          "Median cache-miss TTFT per n_batch and backend, with the roofline floor dashed."),
+    Spec("fig6_slot_eviction", "Slot eviction: N slots sharing one context", "slot_eviction", fig6_slot_eviction,
+         "Per condition and slot count: TTFT of the timed query, the share of its prompt the engine served from "
+         "the cache, and the time to get [A,B] back right after it; refused = the prompt does not fit a slot."),
 ]
 
 

@@ -19,9 +19,11 @@ from kvmatrix.analysis.figures import FigureResult, computation_ms, make_figures
 from kvmatrix.analysis.stats import Summary, fmt_p
 from kvmatrix.analysis.summary import (
     CLOCK_DROP,
+    SLOT_CONDITIONS,
     Evidence,
     NoCellsError,
     Row,
+    SlotRow,
     build_evidence,
     cascade,
     device_state,
@@ -67,6 +69,7 @@ def render(ev: Evidence, figures: list[FigureResult], findings: str | None = Non
         _invalidation_section(ev, figures),
         _scan_section(ev, figures),
         _sweep_section(ev, figures),
+        _slot_section(ev, figures),
         _roofline_section(ev),
         _outlier_section(ev.cells),
         _device_section(ev.cells),
@@ -413,6 +416,106 @@ def _sweep_section(ev: Evidence, figures: list[FigureResult]) -> str:
     return "\n\n".join([head + _order_lines(cells), _table(rows), note, *_embed(figures, "batch_sweep")])
 
 
+# ---------------------------------------------------------------- slot eviction
+
+
+def _yes_no(v: bool | None) -> str:
+    return NA if v is None else ("yes" if v else "no")
+
+
+def _cached(c) -> str:
+    """"cached / prompt" medians of the timed query (the engine's cache_n)."""
+    if c is None or not c.trials:
+        return NA
+    return f"{ms(c.median('cached_tokens'), 0)} / {ms(c.median('prompt_tokens'), 0)}"
+
+
+def refusal_text(c) -> str:
+    """Why a condition's trials were refused: the prompt, its tokens and the slot's context."""
+    if c is None or not c.refused:
+        return ""
+    r = c.refused[0]
+    what = f"{r.get('prompt') or 'a prompt'}, {_s(r.get('prompt_tokens'))} tok ≥ slot {_s(r.get('n_ctx'))}"
+    return f"refused {len(c.refused)}× ({what})"
+
+
+def _ttft_or_refused(c) -> str:
+    """Median TTFT with its CI; the refusals when none (or not all) of the trials could run."""
+    if c is None:
+        return NA
+    if not c.trials:
+        return refusal_text(c) or NA
+    return med_ci(c.summary()) + (f"; {refusal_text(c)}" if c.refused else "")
+
+
+def _slot_main_row(r: SlotRow) -> dict:
+    hit, miss = r.conditions.get("cache_hit"), r.conditions.get("cache_miss")
+    v, n = r.verified
+    return {
+        "Backend": r.series, "A/B (tok)": r.config, "N slots": _s(r.n_parallel),
+        "Per-slot ctx (tok)": _s(r.slot_ctx), "[A,B,Q] (tok)": _s(r.prompts.get("[A,B,Q]")),
+        "[A,B,Q] fits": _yes_no(r.fits.get("[A,B,Q]")),
+        "Hit TTFT (ms) median [95% CI]": _ttft_or_refused(hit), "Miss TTFT (ms) median [95% CI]": _ttft_or_refused(miss),
+        "cache_n / prompt hit": _cached(hit), "cache_n / prompt miss": _cached(miss),
+        "Verified": f"{v}/{n}", "Refused trials": str(r.refused),
+    }
+
+
+def _slot_condition_rows(rows: list[SlotRow]) -> list[dict]:
+    out = []
+    for r in rows:
+        for name, c in r.conditions.items():
+            v, n = c.verified
+            slots = "refused" if not c.trials else (
+                f"{_slots(c.slots('warmup_id_slot'))} → {_slots(c.slots('id_slot'))}")
+            out.append({
+                "Backend": r.series, "A/B (tok)": r.config, "N": _s(r.n_parallel), "Condition": name,
+                "Slots warm-up → query": slots, "n": str(c.summary().n),
+                "TTFT (ms) median [95% CI]": _ttft_or_refused(c),
+                "cache_n / prompt": _cached(c), "Expected cached": ms(c.median("expected_cached_tokens"), 0),
+                "Verified": f"{v}/{n}",
+                "Re-warm [A,B] (ms) median": ms(c.summary("rewarm_time_ms").median),
+                "Re-warm cache_n": ms(c.median("rewarm_cached_tokens"), 0),
+            })
+    return out
+
+
+def _slots(ids: list[int]) -> str:
+    return ",".join(str(i) for i in ids) if ids else NA
+
+
+def _slot_section(ev: Evidence, figures: list[FigureResult]) -> str:
+    head = "## Slot eviction: llama-server with N slots at one total context\n\n"
+    if not ev.slots:
+        return "\n\n".join([head + "No ok slot_eviction cells.", *_embed(figures, "slot_eviction")])
+    rows = ev.slots
+    first = rows[0].cell.get("slot_eviction") or {}
+    conditions = first.get("conditions") or {}
+    unified = sorted({r.kv_unified for r in rows if r.kv_unified is not None})
+    notes = [
+        "The total context n_ctx is the same in every cell; llama-server splits it across its N slots "
+        + ("(non-unified KV cache: each slot gets n_ctx / N, rounded up to a multiple of 256 by current builds). "
+           if unified == [False] else "(as its start-up log reports `kv_unified`; see Settings parity). ")
+        + "Per-slot ctx is read back from the engine (`/slots` `n_ctx`). A prompt fits when it is shorter than "
+        "its slot's context; llama-server refuses a longer one (HTTP 400 `exceed_context_size_error`) and the "
+        "trial is counted under Refused instead of being timed. cache_n / prompt: medians of the engine's "
+        "`timings.cache_n` and the prompt tokens of the timed query; Verified: measured trials whose cache_n "
+        "matched the expectation computed per slot from what each slot held.",
+        "Conditions (interleaved round by round):\n\n" + "\n".join(
+            f"- `{k}` ({SLOT_CONDITIONS.get(k, k)}): {v}" for k, v in conditions.items()),
+        "Re-warm: the [A,B] request right after the timed query — what getting the prefix back costs after that "
+        "query; after a miss on the only slot it recomputes [A,B] (the \"miss warm-up\"), with N ≥ 2 and the "
+        "server routing, the miss went to another slot and [A,B] is still cached.",
+    ]
+    return "\n\n".join([
+        head + _order_lines([r.cell for r in rows]),
+        _table([_slot_main_row(r) for r in rows]),
+        *notes,
+        "### Every condition\n\n" + _table(_slot_condition_rows(rows)),
+        *_embed(figures, "slot_eviction"),
+    ])
+
+
 # ---------------------------------------------------------------- roofline
 
 
@@ -489,12 +592,13 @@ def _device_section(cells: list[dict]) -> str:
     head = "## Device state (NVML)\n\n"
     states = [device_state(c) for c in sorted(cells, key=lambda c: (phase_key(c.get("phase")), str(c.get("cell_id"))))
               if is_ok(c)]
+    kw = _keep_warm_note(states)
     if not states or not any(s.has_data for s in states):
         gpu = [c for c in cells if is_ok(c) and roofline.runs_on_gpu(c)]
         if gpu:
             return head + (f"No NVML samples recorded, although {len(gpu)} ok cell(s) ran on a GPU "
-                           "(trial field `device`, cell field `device_settle`).")
-        return head + "No NVML data (CPU run): no cell recorded device samples."
+                           "(trial field `device`, cell field `device_settle`)." + kw)
+        return head + "No NVML data (CPU run): no cell recorded device samples." + kw
     rows, drops = [], []
     for s in states:
         if not s.has_data:
@@ -510,16 +614,33 @@ def _device_section(cells: list[dict]) -> str:
             "Power max (W)": ms(pw and pw[1]), "Temperature max (°C)": ms(tc and tc[1], 0),
             "Timed samples": str(len(s.timed)), "Settle samples": str(len(s.settle)),
             "Timed requests below 90% of max SM clock": str(len(s.drops)),
+            "Keep-warm": keep_warm_text(s.keep_warm),
         })
         drops += [{"cell": s.cell_id, "condition": cond, "trial": _s(trial), "SM clock (MHz)": f"{sm_:.0f}",
                    "of cell max": f"{frac * 100:.0f}%"} for cond, trial, sm_, frac in s.drops]
-    text = head + _table(rows)
+    text = head + ("SM clock in settles: the NVML sample at the end of each settle pause, right before the "
+                   "timed request (with keep-warm the pause is spent in device work, `--keep-warm`).\n\n") + _table(rows)
     if drops:
         text += (f"\n\nClock drops: timed requests whose SM clock was below {CLOCK_DROP:.0%} of the highest SM "
                  "clock seen in the cell (timed and settle samples); their TTFT may be inflated.\n\n" + _table(drops))
     else:
         text += f"\n\nNo timed request ran below {CLOCK_DROP:.0%} of its cell's highest SM clock."
     return text
+
+
+def keep_warm_text(kw: dict | None) -> str:
+    """Keep-warm of one cell: off, active (how much device work), or requested but inactive (why)."""
+    if not kw or not kw.get("requested"):
+        return "off"
+    if kw.get("active"):
+        return f"active: {kw.get('settles', '?')} settles, {kw.get('busy_s', '?')} s busy"
+    return f"requested, inactive: {kw.get('reason') or 'no reason recorded'}"
+
+
+def _keep_warm_note(states) -> str:
+    """For a run without NVML data: what keep-warm did where it was requested."""
+    texts = sorted({keep_warm_text(s.keep_warm) for s in states if s.keep_warm and s.keep_warm.get("requested")})
+    return (" Keep-warm: " + "; ".join(texts) + ".") if texts else ""
 
 
 def _rng(r) -> str:

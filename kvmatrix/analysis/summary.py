@@ -7,6 +7,7 @@ consume these values through ``build_evidence``.
 - invalidation cells -> ``Row`` (hit vs miss, bootstrap CIs, Mann-Whitney U, roofline floor)
 - recompute_scan cells -> ``ScanPoint`` per kept/recomputed split
 - batch_sweep cells -> ``SweepPoint`` per (backend, n_batch)
+- slot_eviction cells -> ``SlotRow`` per slot count (per-slot context, fits, conditions)
 - every trial -> ``TrialPoint`` (recomputed tokens vs TTFT), outliers, device state;
   invalidation order -> warm-up ``Cascade``
 """
@@ -282,12 +283,19 @@ def experiment_of(cell: dict) -> str:
         return "recompute_scan"
     if "sweep" in cell:
         return "batch_sweep"
+    if "slot_eviction" in cell:
+        return "slot_eviction"
     return "invalidation"
 
 
 def trial_blocks(cell: dict) -> list[tuple[str, list[dict]]]:
-    """(condition name, trials) of every trial block in a cell, whatever the experiment."""
+    """(condition name, trials) of every trial block in a cell, whatever the experiment: hit and
+    miss first, then any other top-level ``{trials[], stats{}}`` block (slot_eviction's conditions),
+    then the recompute scan's points."""
     out = [(cond, _trials(cell, cond)) for cond in CONDITION_NAMES if cell.get(cond)]
+    out += [(k, v["trials"]) for k, v in cell.items()
+            if k not in CONDITION_NAMES and isinstance(v, dict) and isinstance(v.get("trials"), list)
+            and isinstance(v.get("stats"), dict)]
     for p in cell.get("scan") or []:
         if isinstance(p, dict):
             out.append((f"scan kept={p.get('kept_tokens')}", p.get("trials") or []))
@@ -479,6 +487,108 @@ def build_sweep(cells: list[dict]) -> list[SweepPoint]:
     return out
 
 
+# ---------------------------------------------------------------- slot_eviction
+
+
+#: slot_eviction's conditions in run order, with the words the report and figure use
+SLOT_CONDITIONS = {
+    "cache_hit": "[A,B] → [A,B,Q] on slot 0",
+    "cache_miss": "[A,B] → [B,Q] on slot 0",
+    "other_slot": "[A,B] on slot 0 → [A,B,Q] on slot 1",
+    "server_hit": "[A,B] → [A,B,Q], server's slots",
+    "server_miss": "[A,B] → [B,Q], server's slots",
+    "alternate": "[A,B], [A',B'] → [A,B,Q], server's slots",
+}
+
+
+@dataclass
+class SlotCondition:
+    """One condition of a slot_eviction cell: its measured trials and refusals."""
+
+    name: str
+    trials: list[dict]  # measured
+    refused: list[dict]  # refusals of measured trials (warm-up trials excluded)
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def summary(self, metric: str = "ttft_ms") -> Summary:
+        if metric not in self._memo:
+            self._memo[metric] = summarize([t.get(metric) for t in self.trials])
+        return self._memo[metric]
+
+    def median(self, key: str) -> float | None:
+        return _median([v for t in self.trials if (v := finite(t.get(key))) is not None])
+
+    @property
+    def verified(self) -> tuple[int, int]:
+        return sum(1 for t in self.trials if t.get("cache_verified")), len(self.trials)
+
+    @property
+    def cached_share(self) -> float | None:
+        """Median of the engine's cache_n / prompt tokens of the timed query, 0..1."""
+        return _median([c / t["prompt_tokens"] for t in self.trials
+                        if isinstance(c := t.get("cached_tokens"), int) and (t.get("prompt_tokens") or 0) > 0])
+
+    def slots(self, key: str = "id_slot") -> list[int]:
+        """The slots that served the condition's requests (``id_slot``, ``warmup_id_slot``, ``rewarm_id_slot``)."""
+        return sorted({t[key] for t in self.trials if isinstance(t.get(key), int)})
+
+
+@dataclass
+class SlotRow:
+    """One ok slot_eviction cell: one slot count at one total context."""
+
+    cell_id: str
+    series: str
+    a: int | None
+    b: int | None
+    n_parallel: int | None
+    slot_ctx: int | None  # per-slot context as the engine reports it (/slots, else /props)
+    n_ctx_total: int | None
+    kv_unified: bool | None
+    prompts: dict[str, int]  # "[A,B]", "[A,B,Q]", "[B,Q]", "[A',B']" -> engine-tokenized length
+    fits: dict[str, bool]
+    conditions: dict[str, SlotCondition]
+    cell: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def config(self) -> str:
+        return f"{_s(self.a)}/{_s(self.b)}"
+
+    @property
+    def verified(self) -> tuple[int, int]:
+        pairs = [c.verified for c in self.conditions.values()]
+        return sum(v for v, _ in pairs), sum(n for _, n in pairs)
+
+    @property
+    def refused(self) -> int:
+        return sum(len(c.refused) for c in self.conditions.values())
+
+
+def build_slots(cells: list[dict]) -> list[SlotRow]:
+    """Rows of the ok slot_eviction cells, by series, config, then slot count."""
+    ok = [c for c in cells if is_ok(c) and experiment_of(c) == "slot_eviction"]
+    names = series_names(ok, ("phase", "model", "settings", "run"))
+    out = []
+    for c, name in zip(ok, names, strict=True):
+        se = c.get("slot_eviction") or {}
+        eff = (c.get("runtime") or {}).get("effective") or {}
+        req = (c.get("runtime") or {}).get("requested") or {}
+        slot_ctx = [v for v in se.get("slot_ctx") or [] if isinstance(v, int)]
+        refused = [r for r in se.get("refused") or [] if isinstance(r, dict) and not r.get("warmup")]
+        cfg = c.get("config") or {}
+        conds = {k: SlotCondition(k, measured(_trials(c, k)), [r for r in refused if r.get("condition") == k])
+                 for k in SLOT_CONDITIONS if k in c or any(r.get("condition") == k for r in refused)}
+        out.append(SlotRow(
+            cell_id=str(c.get("cell_id")), series=name, a=cfg.get("context_size_a"), b=cfg.get("context_size_b"),
+            n_parallel=se.get("n_parallel") or eff.get("n_parallel") or req.get("n_parallel"),
+            slot_ctx=min(slot_ctx) if slot_ctx else eff.get("n_ctx_per_slot"),
+            n_ctx_total=eff.get("n_ctx") or req.get("n_ctx"), kv_unified=eff.get("kv_unified"),
+            prompts=dict(se.get("prompts") or {}), fits=dict(se.get("fits") or {}), conditions=conds, cell=c,
+        ))
+    out.sort(key=lambda r: (r.series, config_key(r.a, r.b), r.n_parallel or 0))
+    return out
+
+
 # ---------------------------------------------------------------- every trial: recomputed tokens vs TTFT
 
 
@@ -639,6 +749,7 @@ class DeviceState:
     cell_id: str
     timed: list[tuple[str, int | None, dict]]  # (condition, trial, sample) per timed request
     settle: list[dict]
+    keep_warm: dict | None = None  # the cell's keep_warm{requested, active, ...} when recorded
 
     def _vals(self, key: str, samples=None) -> list[float]:
         samples = samples if samples is not None else [s for _, _, s in self.timed] + self.settle
@@ -686,7 +797,8 @@ def device_state(cell: dict) -> DeviceState:
             if isinstance(t.get("device"), dict):
                 timed.append((CONDITION_NAMES.get(cond, cond), t.get("trial"), t["device"]))
             settle.extend(_samples(t.get("device_settle")))
-    return DeviceState(str(cell.get("cell_id")), timed, settle)
+    kw = cell.get("keep_warm")
+    return DeviceState(str(cell.get("cell_id")), timed, settle, kw if isinstance(kw, dict) else None)
 
 
 # ---------------------------------------------------------------- everything
@@ -700,10 +812,11 @@ class Evidence:
     rows: list[Row]
     scan: list[ScanPoint]
     sweep: list[SweepPoint]
+    slots: list[SlotRow] = field(default_factory=list)
 
 
 def build_evidence(cells: list[dict]) -> Evidence:
-    return Evidence(cells, build_rows(cells), build_scan(cells), build_sweep(cells))
+    return Evidence(cells, build_rows(cells), build_scan(cells), build_sweep(cells), build_slots(cells))
 
 
 def _canon(v) -> str:

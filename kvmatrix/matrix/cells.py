@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 from kvmatrix.matrix.console import fail
-from kvmatrix.runners.spec import ABConfig
+from kvmatrix.runners.spec import ABConfig, RuntimeSpec
 
 PHASES: dict[str, list[tuple[str, str | None]]] = {
     "1": [("vllm_http", None)],
@@ -24,7 +24,11 @@ PHASES: dict[str, list[tuple[str, str | None]]] = {
 }
 
 
-EXPERIMENTS = ("invalidation", "recompute_scan", "batch_sweep")
+EXPERIMENTS = ("invalidation", "recompute_scan", "batch_sweep", "slot_eviction")
+
+#: slot_eviction runs where there are server slots: llama-server (phase 3a), one cell per slot count
+SLOT_EVICTION_PHASES = ("3a",)
+DEFAULT_PARALLEL_SLOTS = (1, 2, 4)
 
 #: prefix_reuse (``kvmatrix prefix``): backend -> phase; one cell per (backend, prefix caching off/on)
 PREFIX_BACKENDS = {"llamacpp_http": "3a", "vllm_http": "1"}
@@ -44,6 +48,7 @@ class Cell:
     experiment: str = "invalidation"
     build: str | None = None  # llama-cpp-python build variant (phase 3b): shared, pip, stock
     n_batch: int | None = None  # batch_sweep: the n_batch under test
+    n_parallel: int | None = None  # slot_eviction: llama-server slots (--parallel) under test
     tag: str | None = None  # matrix: the engine version/source, e.g. llama_b4000, vllm_0.33.0
 
     @property
@@ -55,6 +60,8 @@ class Cell:
             parts.append(self.build)
         if self.n_batch is not None:
             parts.append(f"b{self.n_batch}")
+        if self.n_parallel is not None:
+            parts.append(f"p{self.n_parallel}")
         parts.append(f"{self.config.a}x{self.config.b}")
         if self.experiment != "invalidation":
             parts.insert(0, self.experiment)
@@ -95,11 +102,37 @@ def parse_batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def parse_parallel_slots(text: str) -> list[int]:
+    """``--parallel-slots 1,2,4`` -> [1, 2, 4]: the slot counts slot_eviction compares."""
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        fail(f"--parallel-slots {text!r}: give positive slot counts such as 1,2,4")
+    return list(dict.fromkeys(counts))
+
+
+def slot_runtime(runtime: RuntimeSpec, n_parallel: int) -> RuntimeSpec:
+    """The runtime of a slot_eviction cell: n_parallel slots sharing the SAME total n_ctx, nothing else changed."""
+    return RuntimeSpec(**{**runtime.to_dict(), "n_parallel": n_parallel})
+
+
 def expand(phases: list[str], configs: list[ABConfig], experiments: tuple[str, ...] = ("invalidation",),
-           builds: tuple[str, ...] = ("shared",), batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> list[Cell]:
-    """Every cell of the matrix, in run order (experiment, phase, interface, build, config)."""
+           builds: tuple[str, ...] = ("shared",), batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+           parallel_slots: tuple[int, ...] = DEFAULT_PARALLEL_SLOTS) -> list[Cell]:
+    """Every cell of the matrix, in run order (experiment, phase, interface, build, config).
+
+    slot_eviction: one cell per slot count of ``parallel_slots``, on the phases that have slots
+    (``SLOT_EVICTION_PHASES``) only; the other phases get no slot_eviction cell.
+    """
     cells = []
     for exp in experiments:
+        if exp == "slot_eviction":
+            cells += [Cell(p, backend, variant, cfg, exp, n_parallel=n)
+                      for p in phases if p in SLOT_EVICTION_PHASES for backend, variant in PHASES[p]
+                      for cfg in configs for n in parallel_slots]
+            continue
         for p in phases:
             for backend, variant in PHASES[p]:
                 for build in (builds if p == "3b" else (None,)):

@@ -20,7 +20,15 @@ Trial (one timed query and its companions)::
     trial, warmup (bool), ttft_ms, ttft_non_streaming_ms, overhead_ms,
     engine_prompt_ms, engine_predicted_ms, total_time_ms, throughput,
     warmup_time_ms, prompt_tokens, completion_tokens, cached_tokens,
-    expected_cached_tokens, cache_granularity, cache_verified
+    expected_cached_tokens, cache_granularity, cache_verified,
+    device{} (NVML after the timed request), device_settle{} (NVML at the end of
+    the settle before it), warmup_prompt_tokens, warmup_cached_tokens,
+    id_slot, warmup_id_slot (llama-server slot that served the query / warm-up),
+    rewarm_time_ms, rewarm_cached_tokens, rewarm_id_slot (the warm-up right after
+    the timed query: what re-establishing [A,B] costs after it)
+
+Cells of trial-protocol experiments also record ``keep_warm{requested, active,
+method | reason, settles, iterations, busy_s}``.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ STAT_FIELDS = (
     "total_time_ms",
     "throughput",
     "warmup_time_ms",
+    "rewarm_time_ms",
 )
 
 
@@ -67,6 +76,14 @@ class Trial:
     cache_granularity: int
     cache_verified: bool
     device: dict | None = None  # NVML sample right after the timed request (GPU hosts)
+    device_settle: dict | None = None  # NVML sample at the end of the settle before the timed request
+    warmup_prompt_tokens: int | None = None  # the warm-up [A,B] before the timed request, as the engine counted it
+    warmup_cached_tokens: int | None = None
+    id_slot: int | None = None  # engine slot that served the timed request (llama-server), else None
+    warmup_id_slot: int | None = None
+    rewarm_time_ms: float | None = None  # the warm-up [A,B] right AFTER the timed query (after a miss: its cost)
+    rewarm_cached_tokens: int | None = None
+    rewarm_id_slot: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -47,12 +47,15 @@ def base_document(cell: CellSpec) -> dict:
             "num_trials": exp.num_trials,
             "warmup_trials": exp.warmup_trials,
             "settle_ms": exp.settle_ms,
+            "keep_warm": exp.keep_warm,
         },
         "runtime": {"requested": cell.runtime.to_dict(), "effective": {}, "mismatches": [], "unverified": []},
         "provenance": {**cell.provenance, "runner_host": host_facts(), "runner_python": sys.version.split()[0]},
         "timing": {},
         **({"sweep": {"n_batch": cell.runtime.n_batch, "n_ubatch": cell.runtime.n_ubatch}}
            if exp.name == "batch_sweep" else {}),
+        **({"slots": {"n_parallel": cell.runtime.n_parallel, "n_ctx_total": cell.runtime.n_ctx}}
+           if exp.name == "slot_eviction" else {}),
     }
 
 

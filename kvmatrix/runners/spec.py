@@ -103,7 +103,10 @@ class ABConfig:
 
 DEFAULT_CONFIGS = (ABConfig(512, 256), ABConfig(384, 384), ABConfig(256, 512))
 
-EXPERIMENT_NAMES = ("invalidation", "recompute_scan", "batch_sweep", "prefix_reuse")
+EXPERIMENT_NAMES = ("invalidation", "recompute_scan", "batch_sweep", "prefix_reuse", "slot_eviction")
+#: llama-server rounds each slot's context up to a multiple of this (GGML_PAD(n_ctx / n_parallel, 256)
+#: in current builds); slot_eviction asks for a total n_ctx that splits exactly, so requested = effective
+SLOT_CTX_ALIGN = 256
 
 # Tokens the chat template and the generated output add around A+B+Q; a
 # config must leave this much room in the context.
@@ -132,6 +135,9 @@ class ExperimentSpec:
     concurrency: tuple[int, ...] = (1, 16)
     reuse_mixes: tuple[float, ...] = (1.0, 0.5, 0.0)
     prompts_file: str | None = None
+    # keep the GPU busy during settle pauses so idle down-clocking does not inflate TTFT
+    # (runners/keep_warm.py; a no-op on CPU runs)
+    keep_warm: bool = False
 
     def validate(self, runtime: RuntimeSpec) -> None:
         if self.num_trials < 1:
@@ -143,6 +149,9 @@ class ExperimentSpec:
         if self.name == "prefix_reuse":
             self._validate_prefix(runtime)
             return
+        if self.name == "slot_eviction":
+            self._validate_slots(runtime)
+            return
         need = self.config.a + self.config.b + self.config.q + self.max_output_tokens + TEMPLATE_MARGIN
         per_slot = runtime.n_ctx // runtime.n_parallel
         if need > per_slot:
@@ -150,6 +159,24 @@ class ExperimentSpec:
                 f"config {self.config.label} needs {need} tokens (A+B+Q+{self.max_output_tokens} output"
                 f"+{TEMPLATE_MARGIN} template) but the context per slot is {per_slot}; "
                 f"use smaller A/B or a larger n_ctx"
+            )
+
+    def _validate_slots(self, runtime: RuntimeSpec) -> None:
+        """slot_eviction: n_ctx is the TOTAL context that llama-server splits across n_parallel slots;
+        [A,B,Q] must fit it whole (one slot), not the per-slot share: not fitting is what it measures."""
+        need = self.config.a + self.config.b + self.config.q + TEMPLATE_MARGIN + 1
+        if need > runtime.n_ctx:
+            raise SpecError(
+                f"config {self.config.label} needs {need} tokens (A+B+Q+{TEMPLATE_MARGIN} template+1 output) but the "
+                f"total context is {runtime.n_ctx}; slot_eviction needs [A,B,Q] to fit one slot holding the whole "
+                "context: use smaller A/B or a larger n_ctx"
+            )
+        align = SLOT_CTX_ALIGN * runtime.n_parallel
+        if runtime.n_ctx % align:
+            raise SpecError(
+                f"n_ctx={runtime.n_ctx} does not split into {runtime.n_parallel} slots of a multiple of "
+                f"{SLOT_CTX_ALIGN} tokens (llama-server rounds each slot's share up); use a multiple of {align}, "
+                f"such as {-(-runtime.n_ctx // align) * align}"
             )
 
     def _validate_prefix(self, runtime: RuntimeSpec) -> None:

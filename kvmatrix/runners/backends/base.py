@@ -35,6 +35,19 @@ class EngineError(RuntimeError):
         self.log_tail = log_tail
 
 
+class ContextExceeded(EngineError):
+    """The engine refused a prompt that does not fit the context it has for the request
+    (llama-server: the slot's share of ``n_ctx``). Not a crash: the engine keeps running and
+    its cache is unchanged, so an experiment may record the refusal and go on."""
+
+    def __init__(self, message: str, prompt_tokens: int | None = None, n_ctx: int | None = None,
+                 id_slot: int | None = None):
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.n_ctx = n_ctx
+        self.id_slot = id_slot
+
+
 class SettingsMismatch(RuntimeError):
     """Effective settings differ from the requested ones."""
 
@@ -49,12 +62,18 @@ class SettingsMismatch(RuntimeError):
 
 @dataclass
 class Request:
-    """One chat request; every engine gets the same shape."""
+    """One chat request; every engine gets the same shape.
+
+    ``slot``: the llama-server slot to pin (``id_slot``, taken modulo the slot count);
+    None lets the server choose (prompt similarity, else least recently used).
+    Engines without slots ignore it.
+    """
 
     messages: list[dict]
     max_tokens: int = 1
     stream: bool = True
     ignore_eos: bool = False
+    slot: int | None = 0
 
 
 @dataclass
@@ -65,7 +84,8 @@ class Measurement:
     ``prompt_token_ids`` is the prompt as the engine tokenized it and
     ``held_token_ids`` what the engine held before the request (when the
     adapter can know them), so the experiment can compute what SHOULD have
-    been reused.
+    been reused. ``id_slot`` is the slot that served the request where the
+    engine has several (llama-server), else None (one sequence).
     """
 
     ttft_s: float | None
@@ -78,6 +98,7 @@ class Measurement:
     engine_predicted_ms: float | None = None
     connect_s: float | None = None
     prompt_token_ids: list[int] | None = None
+    id_slot: int | None = None
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -7,19 +7,24 @@ start:     own process group on 127.0.0.1:<free port>, bounded /health wait.
 effective: ``/props`` (slot context, slots) + the start-up log (n_ctx, n_batch,
            n_ubatch, flash attention, KV types, threads, prompt-cache size,
            offloaded layers).
-measure:   ``/v1/chat/completions`` with ``id_slot`` pinned and ``cache_prompt``;
-           the engine's ``timings`` (cache_n, prompt_n, prompt_ms, predicted_ms)
-           come with the non-streaming body and the final streamed chunk.
+measure:   ``/v1/chat/completions`` with ``id_slot`` pinned (``Request.slot``; None lets
+           the server choose) and ``cache_prompt``; the engine's ``timings`` (cache_n,
+           prompt_n, prompt_ms, predicted_ms) come with the non-streaming body and the
+           final streamed chunk. With several slots the serving slot is read back from
+           ``/slots`` after the request (the slot whose ``id_task`` is the newest), outside
+           the timed region; a prompt that does not fit the slot's context is refused by
+           the server (HTTP 400 ``exceed_context_size_error``) -> ``ContextExceeded``.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
 
 from kvmatrix.runners.backends import llamacpp_common as common
-from kvmatrix.runners.backends.base import Backend, EngineError, Measurement, Request
+from kvmatrix.runners.backends.base import Backend, ContextExceeded, EngineError, Measurement, Request
 from kvmatrix.runners.backends.http import HttpClient, HttpError
 from kvmatrix.runners.backends.process import HOST, EngineProcess, free_port
 
@@ -105,6 +110,9 @@ class LlamaCppHttp(Backend):
         if slot_ctx is not None and eff.get("n_ctx") is None:
             eff["n_ctx"] = slot_ctx * (eff["n_parallel"] or 1)
         eff["n_ctx_per_slot"] = slot_ctx
+        m = re.search(r"n_ctx_slot\s*=\s*\d+,\s*kv_unified\s*=\s*'(\w+)'", log)
+        if m:
+            eff["kv_unified"] = m.group(1) == "true"  # recorded, not a RuntimeSpec setting: slots split n_ctx when false
         m = re.search(r"n_threads\s*=\s*(\d+)\s*\(n_threads_batch\s*=\s*(\d+)\)", log)
         if m:
             eff["n_threads"], eff["n_threads_batch"] = int(m.group(1)), int(m.group(2))
@@ -153,7 +161,7 @@ class LlamaCppHttp(Backend):
             "temperature": self.spec.temperature,
             "seed": self.spec.seed,
             "stream": request.stream,
-            "id_slot": 0,
+            "id_slot": -1 if request.slot is None else request.slot % max(1, self.spec.n_parallel),
             "cache_prompt": self.spec.prefix_caching,
         }
         if request.ignore_eos:
@@ -167,7 +175,14 @@ class LlamaCppHttp(Backend):
             else:
                 fields, total, connect = self.client.timed_post("/v1/chat/completions", payload)
                 ttft, text = None, (fields.get("choices") or [{}])[0].get("message", {}).get("content") or ""
-        except (HttpError, OSError) as exc:
+        except HttpError as exc:
+            refused = context_exceeded(exc)
+            if refused is not None:
+                refused.id_slot = self.served_slot(payload["id_slot"])
+                raise refused from None
+            self.proc.check_alive("llama-server")
+            raise EngineError(f"llama-server request failed: {exc}", self.log_tail()) from None
+        except OSError as exc:
             self.proc.check_alive("llama-server")
             raise EngineError(f"llama-server request failed: {exc}", self.log_tail()) from None
         timings = fields.get("timings") or {}
@@ -187,8 +202,29 @@ class LlamaCppHttp(Backend):
             engine_prompt_ms=timings.get("prompt_ms"),
             engine_predicted_ms=timings.get("predicted_ms"),
             connect_s=connect,
+            id_slot=self.served_slot(payload["id_slot"]),
             extra={"prompt_n": prompt_n},
         )
+
+    def served_slot(self, requested: int) -> int:
+        """The slot that served the last request: the requested one with a single slot, else read
+        back from ``/slots`` (the newest ``id_task``), so a pin or the server's choice is verified."""
+        if self.spec.n_parallel <= 1:
+            return 0
+        slots = self.slot_readout()
+        used = [s for s in slots if s.get("id_task") is not None]
+        if not used:
+            raise EngineError(f"/slots names no slot that served a task (asked for slot {requested})", self.log_tail())
+        return max(used, key=lambda s: s["id_task"])["id"]
+
+    def slot_readout(self) -> list[dict]:
+        """Per slot: id, context size, newest task id and the prompt tokens it holds (``/slots``)."""
+        try:
+            slots = self.client.get_json("/slots", timeout_s=10)
+        except (HttpError, OSError) as exc:
+            raise EngineError(f"llama-server /slots failed: {exc} (the server runs with --slots)", self.log_tail()) from None
+        return [{"id": s.get("id"), "n_ctx": s.get("n_ctx"), "id_task": s.get("id_task"),
+                 "n_tokens": s.get("n_prompt_tokens")} for s in slots]
 
 
     # -- raw-prompt completions (the prefix_reuse client) ----------------------
@@ -246,6 +282,18 @@ class LlamaCppHttp(Backend):
         if m:
             out["kv_buffer_mib"] = float(m[-1])
         return out
+
+
+def context_exceeded(exc: HttpError) -> ContextExceeded | None:
+    """The server's refusal of a prompt longer than the slot's context, or None for any other error."""
+    if exc.status != 400 or "exceed_context_size_error" not in exc.body:
+        return None
+    try:
+        err = json.loads(exc.body).get("error") or {}
+    except ValueError:
+        err = {}
+    return ContextExceeded(f"llama-server refused the prompt: {err.get('message') or exc.body[:200]}",
+                           prompt_tokens=err.get("n_prompt_tokens"), n_ctx=err.get("n_ctx"))
 
 
 def render_flash_attn(on: bool, help_text: str) -> list[str]:

@@ -4,7 +4,7 @@ Each experiment is a function ``run(backend, ExperimentSpec, progress) -> dict``
 returning ``{"trials": {condition: [Trial]}, ...extra fields for the result}``.
 """
 
-from kvmatrix.runners.experiments import invalidation, recompute_scan
+from kvmatrix.runners.experiments import invalidation, recompute_scan, slot_eviction
 
 
 def _prefix_reuse(backend, spec, progress=None) -> dict:
@@ -19,4 +19,5 @@ EXPERIMENTS = {
     "recompute_scan": recompute_scan.run,
     "batch_sweep": invalidation.run_miss_only,
     "prefix_reuse": _prefix_reuse,
+    "slot_eviction": slot_eviction.run,
 }

@@ -15,15 +15,23 @@ previous query left in the cache (the "cascade").
 
 Every timed query is checked against the engine's own cached-token count:
 expected = longest common token prefix of what the engine held and the
-query, at the engine's cache granularity.
+query, at the engine's cache granularity. What the engine held is tracked per
+slot (the slot that served each request, as the adapter reports it; engines
+with one sequence are slot 0), so the same check holds for a server with
+several slots (``slot_eviction``).
+
+``Tracker`` and ``measure_trial`` are shared by every trial-protocol
+experiment; ``Tracker.settle`` is the ONE settle pause (keep-warm or sleep,
+then an NVML sample of the device state just before the next request).
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 
 from kvmatrix.runners.backends.base import Backend, Measurement, Request
 from kvmatrix.runners.device import Nvml
+from kvmatrix.runners.keep_warm import open_keep_warm, settle
 from kvmatrix.runners.results import Trial
 from kvmatrix.runners.spec import ExperimentSpec
 from kvmatrix.runners.workload import Contexts, Vocabulary, expected_cached, verify
@@ -32,58 +40,87 @@ CONDITIONS = {"cache_hit": ("a", "b", "q"), "cache_miss": ("b", "q")}
 WARM = ("a", "b")
 
 
-def schedule(spec: ExperimentSpec) -> list[tuple[str, int, bool]]:
+def schedule(spec: ExperimentSpec, conditions: tuple[str, ...] = tuple(CONDITIONS)) -> list[tuple[str, int, bool]]:
     """(condition, trial index, is warm-up) in run order: warm-ups, then interleaved."""
     order: list[tuple[str, int, bool]] = []
     for i in range(spec.warmup_trials):
-        for cond in CONDITIONS:
+        for cond in conditions:
             order.append((cond, i, True))
     for i in range(spec.num_trials):
-        for cond in CONDITIONS:
+        for cond in conditions:
             order.append((cond, i, False))
     return order
 
 
-class Tracker:
-    """Remembers what the engine holds, to compute the expected cache reuse."""
+def order_labels(plan: list[tuple[str, int, bool]]) -> list[str]:
+    """The run order as recorded in the result: ``cache_hit:0w`` (warm-up), ``cache_miss:3``."""
+    return [f"{c}:{i}{'w' if w else ''}" for c, i, w in plan]
 
-    def __init__(self, backend: Backend):
+
+class Tracker:
+    """Runs requests; remembers what each slot of the engine holds, to compute the expected cache reuse."""
+
+    def __init__(self, backend: Backend, keep_warm: bool = False):
         self.backend = backend
-        self.held: list[int] | None = None
+        self.held: dict[int, list[int]] = {}  # slot -> the prompt tokens it last evaluated
         self.nvml = Nvml.open()
+        self.keep_warm = open_keep_warm(keep_warm, backend.spec.n_gpu_layers)
 
     def run(self, request: Request) -> tuple[Measurement, int, bool]:
+        """Measure one request: (measurement, expected cached tokens, verified). A refused request
+        (``ContextExceeded``) propagates and leaves what the slots hold unchanged."""
         prompt = self.backend.prompt_tokens(request.messages)
-        held = self.held
         m = self.backend.measure(request)
         if self.nvml is not None:
             m.extra["device"] = self.nvml.sample()
         if m.prompt_token_ids is not None:
             prompt = m.prompt_token_ids
+        slot = m.id_slot or 0
         g = self.backend.cache_granularity
-        expected = expected_cached(held, prompt, g)
-        self.held = prompt
+        expected = expected_cached(self.held.get(slot), prompt, g)
+        self.held[slot] = prompt
         return m, expected, verify(m.cached_tokens, expected, g)
+
+    def settle(self, ms: int) -> dict | None:
+        """The pause before the next request; returns the NVML sample taken at its end (GPU hosts)."""
+        settle(self.keep_warm, ms / 1000.0)
+        return self.nvml.sample() if self.nvml is not None else None
+
+    def close(self) -> dict:
+        """Release the keep-warm buffer; returns what the result records about keep-warm."""
+        state = self.keep_warm.to_dict()
+        if self.keep_warm.warmer is not None:
+            self.keep_warm.warmer.close()
+        return state
 
 
 def measure_trial(tracker: Tracker, warm_msgs: list[dict], msgs: list[dict], spec: ExperimentSpec,
-                  idx: int, is_warmup: bool, throughput: bool = True) -> Trial:
-    """One trial of the protocol for the query ``msgs`` after warming ``warm_msgs``."""
-    settle = spec.settle_ms / 1000.0
+                  idx: int, is_warmup: bool, throughput: bool = True,
+                  warm_slot: int | None = 0, slot: int | None = 0,
+                  prepare: Callable[[], object] | None = None) -> Trial:
+    """One trial of the protocol for the query ``msgs`` after warming ``warm_msgs``.
 
-    def warm() -> Measurement:
-        m, _, _ = tracker.run(Request(warm_msgs, max_tokens=1, stream=False))
-        time.sleep(settle)
-        return m
+    ``warm_slot`` / ``slot``: where the warm-ups and the queries go (see ``Request.slot``).
+    ``prepare``: untimed requests run before every warm-up, to set the state the condition needs.
+    The warm-up right after the timed query is recorded as the re-warm: what re-establishing
+    [A,B] costs after this condition's query (after a miss: the "miss warm-up").
+    """
 
-    w = warm()
-    q, expected, ok_q = tracker.run(Request(msgs, max_tokens=1, stream=True))
-    warm()
-    ns, _, ok_ns = tracker.run(Request(msgs, max_tokens=1, stream=False))
+    def warm() -> tuple[Measurement, dict | None]:
+        if prepare is not None:
+            prepare()
+        m, _, _ = tracker.run(Request(warm_msgs, max_tokens=1, stream=False, slot=warm_slot))
+        return m, tracker.settle(spec.settle_ms)
+
+    w, settled = warm()
+    q, expected, ok_q = tracker.run(Request(msgs, max_tokens=1, stream=True, slot=slot))
+    rw, _ = warm()
+    ns, _, ok_ns = tracker.run(Request(msgs, max_tokens=1, stream=False, slot=slot))
     tp = None
     if throughput:
         warm()
-        tp, _, _ = tracker.run(Request(msgs, max_tokens=spec.max_output_tokens, stream=False, ignore_eos=True))
+        tp, _, _ = tracker.run(Request(msgs, max_tokens=spec.max_output_tokens, stream=False, ignore_eos=True,
+                                       slot=slot))
     ttft_ms = (q.ttft_s if q.ttft_s is not None else q.total_s) * 1000
     ns_ms = ns.total_s * 1000
     completion = (tp.completion_tokens or 0) if tp else (q.completion_tokens or 0)
@@ -105,6 +142,14 @@ def measure_trial(tracker: Tracker, warm_msgs: list[dict], msgs: list[dict], spe
         cache_granularity=tracker.backend.cache_granularity,
         cache_verified=ok_q and ok_ns,
         device=q.extra.get("device"),
+        device_settle=settled,
+        warmup_prompt_tokens=w.prompt_tokens,
+        warmup_cached_tokens=w.cached_tokens,
+        id_slot=q.id_slot,
+        warmup_id_slot=w.id_slot,
+        rewarm_time_ms=rw.total_s * 1000,
+        rewarm_cached_tokens=rw.cached_tokens,
+        rewarm_id_slot=rw.id_slot,
     )
 
 
@@ -112,22 +157,26 @@ def run(backend: Backend, spec: ExperimentSpec, progress=None, conditions: tuple
     vocab = Vocabulary.from_engine(backend.tokenize)
     cfg = spec.config
     ctx: Contexts = vocab.contexts(cfg.a, cfg.b, cfg.q, seed=spec.seed)
-    tracker = Tracker(backend)
+    tracker = Tracker(backend, spec.keep_warm)
     warm_msgs = ctx.messages(*WARM)
     trials: dict[str, list[Trial]] = {c: [] for c in conditions}
     plan = [step for step in schedule(spec) if step[0] in conditions]
-    for step, (cond, idx, is_warmup) in enumerate(plan, 1):
-        trial = measure_trial(tracker, warm_msgs, ctx.messages(*CONDITIONS[cond]), spec, idx, is_warmup)
-        trials[cond].append(trial)
-        if progress:
-            progress(f"{cond} trial {idx}{' (warm-up)' if is_warmup else ''}: ttft {trial.ttft_ms:.1f} ms, "
-                     f"cached {trial.cached_tokens}/{trial.prompt_tokens} (expected {trial.expected_cached_tokens})",
-                     step, len(plan))
+    try:
+        for step, (cond, idx, is_warmup) in enumerate(plan, 1):
+            trial = measure_trial(tracker, warm_msgs, ctx.messages(*CONDITIONS[cond]), spec, idx, is_warmup)
+            trials[cond].append(trial)
+            if progress:
+                progress(f"{cond} trial {idx}{' (warm-up)' if is_warmup else ''}: ttft {trial.ttft_ms:.1f} ms, "
+                         f"cached {trial.cached_tokens}/{trial.prompt_tokens} "
+                         f"(expected {trial.expected_cached_tokens})", step, len(plan))
+    finally:
+        keep_warm = tracker.close()
     return {
         "trials": trials,
-        "order": [f"{c}:{i}{'w' if w else ''}" for c, i, w in plan],
+        "order": order_labels(plan),
         "workload": {"a_tokens": cfg.a, "b_tokens": cfg.b, "q_tokens": cfg.q, "seed": spec.seed,
                      "words": len(vocab.words), "q_text": ctx.q.strip()},
+        "keep_warm": keep_warm,
     }
 
 

@@ -33,7 +33,7 @@ def run(backend: Backend, spec: ExperimentSpec, progress=None) -> dict:
     rng = random.Random(spec.seed + 1)
     replacement = [rng.choice([w for w in vocab.words if w != orig]) for orig in ab]
     counts = kept_counts(len(ab), tuple(spec.scan_points or DEFAULT_POINTS))
-    tracker = Tracker(backend)
+    tracker = Tracker(backend, spec.keep_warm)
     warm_msgs = ctx.messages(*WARM)
 
     def query(k: int) -> list[dict]:
@@ -43,15 +43,18 @@ def run(backend: Backend, spec: ExperimentSpec, progress=None) -> dict:
     plan = [(i, True) for i in range(spec.warmup_trials)] + [(i, False) for i in range(spec.num_trials)]
     total_steps = len(plan) * len(counts)
     step = 0
-    for n, (idx, is_warmup) in enumerate(plan):
-        order = counts[n % len(counts):] + counts[: n % len(counts)]
-        for k in order:
-            step += 1
-            trial = measure_trial(tracker, warm_msgs, query(k), spec, idx, is_warmup, throughput=False)
-            per_k[k].append(trial)
-            if progress:
-                progress(f"kept {k}: ttft {trial.ttft_ms:.1f} ms, cached {trial.cached_tokens}/{trial.prompt_tokens} "
-                         f"(expected {trial.expected_cached_tokens})", step, total_steps)
+    try:
+        for n, (idx, is_warmup) in enumerate(plan):
+            order = counts[n % len(counts):] + counts[: n % len(counts)]
+            for k in order:
+                step += 1
+                trial = measure_trial(tracker, warm_msgs, query(k), spec, idx, is_warmup, throughput=False)
+                per_k[k].append(trial)
+                if progress:
+                    progress(f"kept {k}: ttft {trial.ttft_ms:.1f} ms, cached {trial.cached_tokens}/"
+                             f"{trial.prompt_tokens} (expected {trial.expected_cached_tokens})", step, total_steps)
+    finally:
+        keep_warm = tracker.close()
     scan = []
     for k in counts:
         block = condition_block(per_k[k])
@@ -59,4 +62,5 @@ def run(backend: Backend, spec: ExperimentSpec, progress=None) -> dict:
         scan.append({"kept_tokens": k, "recomputed_tokens": first.prompt_tokens - first.expected_cached_tokens, **block})
     return {"trials": {}, "scan": scan,
             "workload": {"a_tokens": cfg.a, "b_tokens": cfg.b, "q_tokens": cfg.q, "seed": spec.seed,
-                         "kept_counts": counts}}
+                         "kept_counts": counts},
+            "keep_warm": keep_warm}
