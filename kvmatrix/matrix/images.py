@@ -19,7 +19,6 @@ it is mounted at run time, so a runner change never repeats the compile.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import platform
 import re
@@ -265,7 +264,7 @@ def _link_or_copy(src, dst) -> None:
 
 
 def ensure_image(client, plan: ImagePlan, *, source: llamacpp.LlamaSource | None = None, ca_dir: str | None = None,
-                 wheels_dir: str | None = None, rebuild: bool = False, run_id: str = "") -> Image:
+                 wheels_dir: str | None = None, rebuild: bool = False) -> Image:
     """The image of ``plan``: reused when its tag exists (unless ``rebuild``), else built with the classic builder."""
     import docker.errors  # noqa: PLC0415
 
@@ -279,8 +278,8 @@ def ensure_image(client, plan: ImagePlan, *, source: llamacpp.LlamaSource | None
     ctx = _context(plan, source, ca_files(ca_dir),
                    wheel_files(wheels_dir) if plan.family == "vllm" else [])
     log = envs.cache_dir() / "docker" / f"build-{plan.slug}-{plan.device}-{plan.key[:10]}.log"
-    labels = {**plan.labels, f"{LABEL_PREFIX}.key": plan.key, f"{LABEL_PREFIX}.built_by_run": run_id,
-              "org.opencontainers.image.created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    # no time or run id in the labels: an unchanged rebuild gives the same image ID (docker inspect has .Created)
+    labels = {**plan.labels, f"{LABEL_PREFIX}.key": plan.key}
     say(f"docker build {plan.tag} ({plan.family}, {plan.device}; log {log})")
     t0 = time.monotonic()
     _build(client, ctx, plan, labels, log)

@@ -84,7 +84,7 @@ class DockerProvider:
 
     def _ensure(self, plan: images.ImagePlan, source=None) -> images.Image:
         return images.ensure_image(self.client, plan, source=source, ca_dir=self.ca_certs, wheels_dir=self.wheels,
-                                   rebuild=self.rebuild, run_id=self.run_id)
+                                   rebuild=self.rebuild)
 
     def llama(self, source: llamacpp.LlamaSource, builds: set[str]) -> LlamaSide:
         cuda = self.device == "cuda"
