@@ -75,7 +75,7 @@ def report(session):
 
 @nox.session
 def demo(session):
-    """The embedded default end to end: build, tiny model, phases 1, 2, 3a, 3b, scan + sweep, report."""
+    """The embedded default end to end: build, tiny model, phases 1, 2, 3a, 3b, scan + sweep + slot eviction, report."""
     session.install("-e", ".[analysis]")
     args = list(session.posargs)
     out = args[args.index("--out") + 1] if "--out" in args else "results/demo"
@@ -87,6 +87,9 @@ def demo(session):
     session.run("python", "-m", "kvmatrix.matrix", "run", "--phases", "3a,3b", "--bindings-api", "chat",
                 "--experiments", "recompute_scan,batch_sweep", "--config", "256/128", "--trials", "3",
                 "--batch-sizes", "64,256,2048", "--run-name", "demo", *shared)
+    session.run("python", "-m", "kvmatrix.matrix", "run", "--phases", "3a", "--experiments", "slot_eviction",
+                "--config", "256/128", "--n-ctx", "1024", "--n-batch", "1024", "--parallel-slots", "1,2,4",
+                "--trials", "3", "--settle-ms", "100", "--run-name", "demo", *shared)
     session.run("python", "-m", "kvmatrix.analysis.report", out)
     session.log(f"report: {out}/report.md")
 

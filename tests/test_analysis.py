@@ -576,8 +576,8 @@ def test_parity_all_equal():
 
 def test_provenance_table(report_text):
     rows = table_rows(section(report_text, "Provenance"))
-    assert ["phase1-vllm_http-512x256", "vllm_http", "llama_cpp_commit=0c1e570", "-DGGML_NATIVE=OFF",
-            "tiny", "abababababab", "box / Xeon", "CPU"] in rows
+    assert ["phase1-vllm_http-512x256", "vllm_http", "llama_cpp_commit=0c1e570", "—", "—", "—", "-DGGML_NATIVE=OFF",
+            "tiny", "abababababab", "box / Xeon", "CPU"] in rows  # runtime, image, runner git: not recorded here
 
 
 def test_figures_are_pngs_and_svgs_and_embedded(run_dir, tmp_path):
@@ -794,3 +794,15 @@ def test_cells_json_roundtrip_is_what_the_report_reads(full_run):
     for f in full_run.glob("*.json"):
         assert isinstance(json.loads(f.read_text()), dict)
     assert math.isfinite(build_rows(full_run_docs())[0].comparison().p)
+
+
+def test_provenance_row_names_the_container_image_and_runner_commit():
+    from kvmatrix.analysis.summary import provenance_row
+
+    doc = cell("3a", "llamacpp_http", 512, 256, [10, 11], [90, 91])
+    doc["provenance"].update(runtime_kind="docker", runner_git={"sha": "0ecea17abcdef123", "dirty": True},
+                             container={"image": {"id": "sha256:" + "a2b462cb62a5" + "0" * 52,
+                                                  "tag": "kvmatrix/llamacpp:vendored-0.3.36-cpu-31f55faed2"}})
+    row = provenance_row(doc)
+    assert row["runtime"] == "docker" and row["runner git"] == "0ecea17abc dirty"
+    assert row["image"] == "a2b462cb62a5 (kvmatrix/llamacpp:vendored-0.3.36-cpu-31f55faed2)"

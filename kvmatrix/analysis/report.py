@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from kvmatrix.analysis import roofline, stats
+from kvmatrix.analysis import attribution, roofline, stats
 from kvmatrix.analysis.figures import FigureResult, computation_ms, make_figures
 from kvmatrix.analysis.stats import Summary, fmt_p
 from kvmatrix.analysis.summary import (
@@ -67,6 +67,7 @@ def render(ev: Evidence, figures: list[FigureResult], findings: str | None = Non
         *([findings] if findings else []),
         _figure_list(figures),
         _invalidation_section(ev, figures),
+        attribution.section(ev.cells),
         _scan_section(ev, figures),
         _sweep_section(ev, figures),
         _slot_section(ev, figures),
@@ -78,7 +79,7 @@ def render(ev: Evidence, figures: list[FigureResult], findings: str | None = Non
         _parity_section(ev.cells),
         _provenance_section(ev.cells),
     ]
-    return "\n\n".join(p.rstrip() for p in parts) + "\n"
+    return "\n\n".join(p.rstrip() for p in parts if p.strip()) + "\n"
 
 
 def _table(rows: list[list] | list[dict], headers="keys") -> str:

@@ -870,10 +870,15 @@ def provenance_row(cell: dict) -> dict:
     if isinstance(flags, (list, tuple)):
         flags = " ".join(str(f) for f in flags)
     sha = (cell.get("model") or {}).get("sha256") or ""
+    image = ((prov.get("container") or {}).get("image") or {})
+    git = prov.get("runner_git") or {}
     return {
         "cell": cell.get("cell_id"),
         "backend": cell.get("backend"),
         "engine": engine,
+        "runtime": prov.get("runtime_kind"),
+        "image": f"{image['id'].removeprefix('sha256:')[:12]} ({image.get('tag')})" if image.get("id") else None,
+        "runner git": (f"{git['sha'][:10]}{' dirty' if git.get('dirty') else ''}" if git.get("sha") else None),
         "build flags": shorten(flags, 48),
         "model": (cell.get("model") or {}).get("name"),
         "sha256": sha[:12] or None,

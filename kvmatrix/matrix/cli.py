@@ -55,7 +55,14 @@ def add_run_options(p: argparse.ArgumentParser, matrix: bool) -> None:
     p.add_argument("--cache-ram", type=int, default=0, help="llama-server --cache-ram MiB (default 0 = off)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for generation and batch (default: all cores)")
     p.add_argument("--experiments", default="invalidation",
-                   help="comma-separated: invalidation, recompute_scan, batch_sweep (default invalidation)")
+                   help="comma-separated: invalidation, recompute_scan, batch_sweep, slot_eviction (llama-server "
+                        "only) (default invalidation)")
+    p.add_argument("--parallel-slots", default="1,2,4",
+                   help="slot_eviction: llama-server slot counts (--parallel), one cell each at the same total "
+                        "--n-ctx (each slot gets n_ctx/N; n_ctx must be a multiple of 256*N) (default 1,2,4)")
+    p.add_argument("--keep-warm", action="store_true",
+                   help="keep the GPU busy during settle pauses (CUDA driver loop; a no-op on CPU runs) so idle "
+                        "down-clocking does not inflate TTFT")
     p.add_argument("--batch-sizes", default="64,128,256,512,2048", help="batch_sweep: n_batch values (n_ubatch = min(n_ubatch, n_batch))")
     p.add_argument("--scan-points", default="0,0.25,0.5,0.75,1", help="recompute_scan: kept fractions of |A|+|B|")
     p.add_argument("--llama-build", default="server,shared" if matrix else "shared",
@@ -175,6 +182,7 @@ def run(args) -> int:
     bindings_builds = tuple(b for b in builds if b != "server")
     apis = set(cellmod.parse_list(args.bindings_api, ("chat", "template"), "bindings API"))
     batch_sizes = tuple(cellmod.parse_batch_sizes(args.batch_sizes))
+    parallel_slots = tuple(cellmod.parse_parallel_slots(args.parallel_slots))
     llama_specs = _split(args.llama_source) or [llamacpp.DEFAULT_SOURCE]
     vllm_versions = _split(args.vllm_version) or [vllmenv.DEFAULT_VERSION]
     which_shard = cellmod.parse_shard(getattr(args, "shard", None))
@@ -187,11 +195,16 @@ def run(args) -> int:
     experiments = {(name, c.label): ExperimentSpec(name=name, config=c, num_trials=args.trials,
                                                    warmup_trials=args.warmup_trials, settle_ms=args.settle_ms,
                                                    max_output_tokens=args.max_output_tokens,
-                                                   scan_points=scan_points if name == "recompute_scan" else None)
+                                                   scan_points=scan_points if name == "recompute_scan" else None,
+                                                   keep_warm=args.keep_warm)
                    for name in exp_names for c in configs}
     try:  # refuse bad settings before building or running anything
         runtime.validate()
         for exp in experiments.values():
+            if exp.name == "slot_eviction":
+                for n in parallel_slots:
+                    exp.validate(cellmod.slot_runtime(runtime, n))
+                continue
             exp.validate(runtime)
             if exp.name == "batch_sweep":
                 for b in batch_sizes:
@@ -221,7 +234,8 @@ def run(args) -> int:
         for p in [p for p in phases if p in ("3a", "3b")]:
             if p == "3a" and matrix and "server" not in builds:
                 continue
-            for c in cellmod.expand([p], configs, exp_names, bindings_builds or ("shared",), batch_sizes):
+            for c in cellmod.expand([p], configs, exp_names, bindings_builds or ("shared",), batch_sizes,
+                                    parallel_slots):
                 if p == "3b" and (c.variant not in apis or not bindings_builds):
                     continue
                 cells.append(("llama", spec_text, replace(c, tag=tag)))
@@ -270,7 +284,8 @@ def run(args) -> int:
     if versions_needed:
         device = provider.vllm_device()
         for version in versions_needed:
-            opts, vllm_runtime = _vllm_check(args, version, device, runtime, model, experiments)
+            vllm_exps = {k: e for k, e in experiments.items() if e.name != "slot_eviction"}
+            opts, vllm_runtime = _vllm_check(args, version, device, runtime, model, vllm_exps)
             vllm_sides[version] = (provider.vllm(version, device), opts, vllm_runtime)
 
     plan = []
@@ -289,6 +304,8 @@ def run(args) -> int:
             continue
         side = llama_sides[key]
         cell_runtime = _sweep_runtime(runtime, cell.n_batch) if cell.n_batch else runtime
+        if cell.n_parallel:
+            cell_runtime = cellmod.slot_runtime(cell_runtime, cell.n_parallel)
         if side.cuda:
             cell_runtime = replace(cell_runtime, n_gpu_layers=-1)
         launch, prov = side.launch(cell.build if cell.phase == "3b" else "server")
