@@ -1,7 +1,8 @@
 """kvmatrix sessions. Each is a few lines calling into kvmatrix.matrix / kvmatrix.analysis.
 
 Options after ``--`` go to the underlying command, e.g.
-``nox -s phase3a phase3b -- --trials 3 --out results/try``.
+``nox -s phase3a phase3b -- --trials 3 --out results/try``. The phase sessions run in
+Docker when an engine answers (``--runtime auto``; ``-- --runtime host`` forces the host).
 Builds, models and engine environments are cached under $KVMATRIX_CACHE
 (default ~/.cache/kvmatrix), so only the first run is slow.
 """
@@ -33,25 +34,25 @@ def model(session):
 @nox.session
 def phase1(session):
     """Invalidation experiment on vLLM's OpenAI server (HTTP, chat completions)."""
-    _host(session, "run", "--phases", "1", *session.posargs)
+    _host(session, "run", "--phases", "1", "--runtime", "auto", *session.posargs)
 
 
 @nox.session
 def phase2(session):
     """Invalidation experiment on vLLM in-process (LLM.generate with token ids)."""
-    _host(session, "run", "--phases", "2", *session.posargs)
+    _host(session, "run", "--phases", "2", "--runtime", "auto", *session.posargs)
 
 
 @nox.session
 def phase3a(session):
     """Invalidation experiment on llama-server (HTTP, chat completions)."""
-    _host(session, "run", "--phases", "3a", *session.posargs)
+    _host(session, "run", "--phases", "3a", "--runtime", "auto", *session.posargs)
 
 
 @nox.session
 def phase3b(session):
     """Invalidation experiment on llama-cpp-python (chat API and manual template)."""
-    _host(session, "run", "--phases", "3b", *session.posargs)
+    _host(session, "run", "--phases", "3b", "--runtime", "auto", *session.posargs)
 
 
 @nox.session

@@ -112,6 +112,36 @@ def test_killed_matrix_loses_nothing_and_resumes(tmp_path):
     assert _run_containers("dk-kill") == []
 
 
+def test_killing_the_parent_nox_still_cleans_up(tmp_path):
+    """nox does not pass SIGTERM on; the matrix asks the kernel for one when its parent dies."""
+    out = tmp_path / "orphan"
+    cmd = " ".join([sys.executable, "-m", "kvmatrix.matrix", *COMMON, "--phases", "3a", "--config", "256/128",
+                    "--trials", "20", "--out", str(out), "--run-name", "dk-orphan"])
+    parent = subprocess.Popen(["bash", "-c", f"{cmd} & wait"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not _run_containers("dk-orphan"):
+            time.sleep(0.5)
+        assert _run_containers("dk-orphan"), "the cell's container never started"
+        time.sleep(3)
+        parent.kill()  # SIGKILL: the parent cannot forward anything
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _run_containers("dk-orphan"):
+            time.sleep(1)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert _run_containers("dk-orphan") == []
+    result = out / "llama_vendored-0.3.36-phase3a-llamacpp_http-256x128.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not result.exists():
+        time.sleep(0.5)
+    doc = json.loads(result.read_text())
+    assert doc["status"] == "failed" and "interrupted" in doc["error"]
+
+
 def test_oom_killed_container_is_a_failed_cell(tmp_path):
     out = tmp_path / "oom"
     proc = run_kvmatrix(*COMMON, "--phases", "3a", "--config", "256/128", "--memory", "16m", "--out", str(out),

@@ -31,13 +31,27 @@ def _interrupt(signum, _frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _term_when_parent_dies() -> None:
+    """Ask Linux for a SIGTERM when the parent (nox, a shell) dies, so a killed nox still cleans up."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes  # noqa: PLC0415
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_main(main) -> None:
     """Call main(); turn UserError into one line and exit code 2.
 
     SIGTERM is handled like Ctrl-C (SIGINT): the cleanup on the way out (engines stopped, containers of
-    the run removed, the interrupted cell recorded as failed) runs for both; exit code 130.
+    the run removed, the interrupted cell recorded as failed) runs for both; exit code 130. The
+    parent's death (nox killed with SIGTERM does not pass it on) is delivered as SIGTERM too.
     """
     signal.signal(signal.SIGTERM, _interrupt)
+    _term_when_parent_dies()
     try:
         code = main()
     except UserError as exc:
