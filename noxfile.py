@@ -57,8 +57,10 @@ def phase3b(session):
 
 @nox.session
 def matrix(session):
-    """The matrix in Docker (or on the host): -- --vllm 0.6.3,0.33.0 --llama b4000,vendored:0.3.36
-    --llama-build server,shared --phases 1,2,3a,3b --runtime auto|docker|host --shard I/N --resume --out DIR.
+    """The matrix (engine versions x llama.cpp builds x phases x configs) in Docker, or on the host.
+
+    -- --vllm 0.6.3,0.33.0 --llama b4000,vendored:0.3.36 --llama-build server,shared
+    --phases 1,2,3a,3b --runtime auto|docker|host --shard I/N --resume --out DIR.
 
     Default axes: what builds on this machine (vLLM CPU or GPU at the default release, llama.cpp from
     llama-cpp-python 0.3.36's vendored source, server + shared-library bindings, all four phases).
