@@ -415,6 +415,7 @@ def _hit_miss_panel(ax, rows: list[Row], xs: list[float], metric: str, ylabel: s
 
 def _diff_panel(ax, rows: list[Row], xs: list[float]) -> None:
     tops, bottoms = [], []
+    vertical = len(rows) > 8  # side by side, horizontal p labels of neighbouring bars run into each other
     for x, r in zip(xs, rows, strict=True):
         c = r.comparison()
         if c.diff is None:
@@ -425,14 +426,15 @@ def _diff_panel(ax, rows: list[Row], xs: list[float]) -> None:
                color="C1", edgecolor="black", linewidth=0.5)
         ax.annotate(f"p = {fmt_p(c.p)}", (x, max(hi, c.diff) if c.diff >= 0 else min(lo, c.diff)),
                     xytext=(0, 3 if c.diff >= 0 else -3), textcoords="offset points", ha="center",
-                    va="bottom" if c.diff >= 0 else "top", fontsize=8)
+                    va="bottom" if c.diff >= 0 else "top", fontsize=8, rotation=90 if vertical else 0)
         tops.append(max(hi, 0.0))
         bottoms.append(min(lo, 0.0))
     ax.axhline(0, color="black", linewidth=0.6)
     if tops:
         top, bottom = max(tops), min(bottoms)
         span = (top - bottom) or 1.0
-        ax.set_ylim(bottom - (0.15 * span if bottom < 0 else 0), top + 0.15 * span)
+        room = 0.55 if vertical else 0.15  # vertical labels need more headroom
+        ax.set_ylim(bottom - (room * span if bottom < 0 else 0), top + room * span)
     ax.set_ylabel("Miss − hit, median TTFT (ms)")
     ax.set_title("(d) Invalidation cost: difference of medians with 95% CI;\nlabel = Mann-Whitney U two-sided p",
                  fontsize=10)
