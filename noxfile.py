@@ -70,6 +70,12 @@ def matrix(session):
 
 
 @nox.session
+def clean(session):
+    """Docker: remove containers left by dead runs and superseded kvmatrix images (-- --images: all of them)."""
+    _host(session, "clean", *session.posargs)
+
+
+@nox.session
 def report(session):
     """Write DIR/report.md and DIR/figures/ from result JSON: -- DIR [DIR ...]."""
     session.install("-e", ".[analysis]")

@@ -190,3 +190,37 @@ def test_results_of_shards_merge_into_one_report(tmp_path):
     report = (merged / "report.md").read_text()
     assert all(c in report or "llamacpp_http" in report for c in LLAMA_CELLS)
     assert Path(merged / "report.md").stat().st_size > 0
+
+
+def test_clean_removes_superseded_images_only(tmp_path):
+    import io
+
+    import docker
+
+    client = docker.from_env()
+    try:
+        client.images.get("kvmatrix/debian:bookworm")
+    except docker.errors.ImageNotFound:
+        pytest.skip("needs the base image the other docker tests make")
+    tags = ["kvmatrix/cleantest:x-cpu-old", "kvmatrix/cleantest:x-cpu-new", "kvmatrix/cleantest:y-cpu-only"]
+    built = {}
+    for tag in tags:  # as after a Dockerfile change: same slug and device, a new content-keyed tag
+        slug = tag.split(":")[1].split("-")[0]
+        dockerfile = (f"FROM kvmatrix/debian:bookworm\nLABEL io.kvmatrix.family=cleantest io.kvmatrix.slug={slug} "
+                      f"io.kvmatrix.device=cpu\nRUN echo {tag} > /tag\n")
+        image, _ = client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, network_mode="host", rm=True)
+        built[tag] = image.id
+        time.sleep(1.1)  # distinct creation times
+    try:
+        run_kvmatrix("clean", check=True, timeout=300)
+        with pytest.raises(docker.errors.ImageNotFound):
+            client.images.get(built[tags[0]])
+        assert client.images.get(tags[1]).id == built[tags[1]]  # the newest of its slug stays
+        assert client.images.get(tags[2]).id == built[tags[2]]  # the only one of its slug stays
+        assert client.images.get("kvmatrix/debian:bookworm")
+    finally:
+        for tag in tags:
+            try:
+                client.images.remove(tag, force=True)
+            except docker.errors.ImageNotFound:
+                pass

@@ -110,6 +110,9 @@ def parser() -> argparse.ArgumentParser:
     add_run_options(r, matrix=False)
     mx = sub.add_parser("matrix", help="run the matrix: versions x builds x phases x configs, in Docker or on the host")
     add_run_options(mx, matrix=True)
+    c = sub.add_parser("clean", help="docker: remove containers left by dead runs and kvmatrix images no longer tagged")
+    c.add_argument("--images", action="store_true",
+                   help="also remove EVERY kvmatrix image (llama.cpp, vLLM, base): the next docker run rebuilds them")
     x = sub.add_parser("prefix", help="repeated-prefix benchmark: prefix caching off vs on (llama-server, vLLM server)")
     add_common(x)
     x.add_argument("--backend", default="llamacpp_http,vllm_http",
@@ -151,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         files = ensure_model(args.model, source.path, source.commit)
         print(json.dumps({"name": files.name, "params": files.params, "hf_dir": str(files.hf_dir),
                           "gguf_f16": str(files.gguf_f16), "gguf_q8_0": str(files.gguf_q8_0)}, indent=1))
+        return 0
+    if args.cmd == "clean":
+        client = containers.client()
+        removed = containers.remove_orphans(client)
+        images = containers.remove_images(client, every=args.images)
+        say(f"removed {removed} orphaned container(s) and {len(images)} image(s)"
+            + (": " + ", ".join(images) if images else ""))
         return 0
     if args.cmd == "prefix":
         return prefix(args)

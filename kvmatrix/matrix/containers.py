@@ -226,6 +226,41 @@ def remove_orphans(c) -> int:
     return n
 
 
+def remove_images(c, every: bool = False) -> list[str]:
+    """Remove superseded kvmatrix images; ``every``: all kvmatrix images (base included).
+
+    Superseded: untagged ones, and for each (repository, slug, device) every image but the newest (a changed
+    Dockerfile or build arg gives a new content-keyed tag; the old tag stays behind). Images in use by a
+    container are left alone (Docker refuses). Returns what was removed.
+    """
+    import docker.errors  # noqa: PLC0415
+
+    family = f"{LABEL_PREFIX}.family"
+    images = c.images.list(filters={"label": family})
+    if every:
+        doomed = images + [i for i in c.images.list(name="kvmatrix/debian") if i not in images]
+    else:
+        doomed = list(c.images.list(filters={"label": family, "dangling": True}))
+        groups: dict[tuple, list] = {}
+        for image in images:
+            for tag in image.tags:
+                labels = image.labels or {}
+                key = (tag.rsplit(":", 1)[0], labels.get(f"{LABEL_PREFIX}.slug"), labels.get(f"{LABEL_PREFIX}.device"))
+                groups.setdefault(key, []).append(image)
+        for members in groups.values():
+            members.sort(key=lambda i: i.attrs.get("Created", ""), reverse=True)
+            doomed += [i for i in members[1:] if i not in doomed]
+    removed = []
+    for image in doomed:
+        name = (image.tags or [image.short_id])[0]
+        try:
+            c.images.remove(image.id, force=len(image.tags) > 1)  # force only untags several names of one image
+            removed.append(name)
+        except docker.errors.APIError:
+            continue
+    return removed
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
