@@ -84,33 +84,42 @@ def parse_phases(text: str) -> list[str]:
     return phases
 
 
+def split_list(text: str | None) -> list[str]:
+    """``a, b,,c`` -> [a, b, c]: every comma-separated option is read this way."""
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
 def parse_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
+    items = split_list(text)
     for x in items:
         if x not in allowed:
             fail(f"unknown {what} {x!r}; use one or more of {', '.join(allowed)} (comma-separated)")
     return items
 
 
-def parse_batch_sizes(text: str) -> list[int]:
+def parse_ints(text: str, option: str, example: str, minimum: int | None = 1) -> list[int]:
+    """A comma-separated list of integers (each >= ``minimum``), or one line naming the fix."""
     try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in split_list(text)]
     except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        fail(f"--batch-sizes {text!r}: give positive integers such as 64,128,256,512,2048")
-    return sizes
+        values = []
+    if not values or (minimum is not None and min(values) < minimum):
+        fail(f"{option} {text!r}: give {'positive ' if minimum == 1 else ''}integers such as {example}")
+    return values
+
+
+def slug(text: str) -> str:
+    """A source / version name as it may stand in cell ids and image tags."""
+    return re.sub(r"[^a-zA-Z0-9_.]+", "-", text.replace("vendored:", "vendored-")).strip("-")[:40]
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    return parse_ints(text, "--batch-sizes", "64,128,256,512,2048")
 
 
 def parse_parallel_slots(text: str) -> list[int]:
     """``--parallel-slots 1,2,4`` -> [1, 2, 4]: the slot counts slot_eviction compares."""
-    try:
-        counts = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        counts = []
-    if not counts or min(counts) < 1:
-        fail(f"--parallel-slots {text!r}: give positive slot counts such as 1,2,4")
-    return list(dict.fromkeys(counts))
+    return list(dict.fromkeys(parse_ints(text, "--parallel-slots", "1,2,4")))
 
 
 def slot_runtime(runtime: RuntimeSpec, n_parallel: int) -> RuntimeSpec:

@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import os
 import platform
-import re
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -193,9 +193,10 @@ def run(args) -> int:
     apis = set(cellmod.parse_list(args.bindings_api, ("chat", "template"), "bindings API"))
     batch_sizes = tuple(cellmod.parse_batch_sizes(args.batch_sizes))
     parallel_slots = tuple(cellmod.parse_parallel_slots(args.parallel_slots))
-    llama_specs = _split(args.llama_source) or [llamacpp.DEFAULT_SOURCE]
-    vllm_versions = _split(args.vllm_version) or [vllmenv.DEFAULT_VERSION]
+    llama_specs = cellmod.split_list(args.llama_source) or [llamacpp.DEFAULT_SOURCE]
+    vllm_versions = cellmod.split_list(args.vllm_version) or [vllmenv.DEFAULT_VERSION]
     which_shard = cellmod.parse_shard(getattr(args, "shard", None))
+    bindings_version = getattr(args, "bindings_version", None)  # matrix only
     if not matrix and (len(llama_specs) > 1 or len(vllm_versions) > 1):
         fail("run takes one llama.cpp source and one vLLM release; use `matrix` (nox -s matrix) for several")
     try:
@@ -224,23 +225,23 @@ def run(args) -> int:
     _check_model_arg(args.model)
     for version in vllm_versions:
         vllmenv.check_version(version)
-    if getattr(args, "bindings_version", None):
+    if bindings_version:
         from kvmatrix.matrix import bindings_map  # noqa: PLC0415
 
         try:
-            bindings_map.for_version(args.bindings_version)
+            bindings_map.for_version(bindings_version)
         except bindings_map.BindingsMapError as exc:
             raise UserError(str(exc)) from None
     for spec_text in llama_specs:  # a tag needs a matching bindings release: refuse now, not after building
         if llamacpp.build_number(spec_text) is not None:
-            llamacpp.bindings_for_tag(spec_text, getattr(args, "bindings_version", None))
+            llamacpp.bindings_for_tag(spec_text, bindings_version)
 
     # -- the cells: (family, version) x phase x build x experiment x config; then this host's shard
     if matrix and "3a" in phases and "server" not in builds:
         say("phase 3a (llama-server) left out: --llama-build has no 'server'")
     cells: list[tuple[str, str, cellmod.Cell]] = []  # (family, source spec / version, cell)
     for spec_text in llama_specs:
-        tag = f"llama_{_slug(spec_text)}" if matrix else None
+        tag = f"llama_{cellmod.slug(spec_text)}" if matrix else None
         for p in [p for p in phases if p in ("3a", "3b")]:
             if p == "3a" and matrix and "server" not in builds:
                 continue
@@ -268,7 +269,6 @@ def run(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     provider, execute, docker_client = _provider(args, run_name)
 
-    bindings_version = getattr(args, "bindings_version", None)
     sources = {t: llamacpp.ensure_source(t, bindings_version) for t in
                dict.fromkeys([t for f, t, _ in cells if f == "llama"] or llama_specs[:1])}
     converter = next(iter(sources.values()))  # the model's converter comes from the first llama.cpp source
@@ -281,7 +281,7 @@ def run(args) -> int:
     model_doc = {"name": model.name, "gguf": str(gguf), "quant": args.quant, "params": model.params,
                  "sha256": (model.manifest.get("sha256") or {}).get(Path(gguf).name),
                  "hf_dir": str(model.hf_dir) if model.hf_dir else None}
-    common_prov = {"runtime_kind": provider.kind, "host": _host_facts(), "runner_git": containers.git_state(),
+    common_prov = {"runtime_kind": provider.kind, "host": _host_facts(), "runner_git": _runner_git(),
                    "model_manifest": {k: model.manifest.get(k) for k in ("preset", "generator_version", "llama_cpp_commit")}}
 
     # -- environments, once per (family, source/version); then one spec per cell
@@ -293,8 +293,8 @@ def run(args) -> int:
     versions_needed = list(dict.fromkeys(t for f, t, _ in cells if f == "vllm"))
     if versions_needed:
         device = provider.vllm_device()
+        vllm_exps = {k: e for k, e in experiments.items() if e.name != "slot_eviction"}
         for version in versions_needed:
-            vllm_exps = {k: e for k, e in experiments.items() if e.name != "slot_eviction"}
             opts, vllm_runtime = _vllm_check(args, version, device, runtime, model, vllm_exps)
             vllm_sides[version] = (provider.vllm(version, device), opts, vllm_runtime)
 
@@ -345,14 +345,6 @@ def run(args) -> int:
     return 0
 
 
-def _split(text: str | None) -> list[str]:
-    return [x.strip() for x in (text or "").split(",") if x.strip()]
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9.]+", "-", text.replace("vendored:", "vendored-")).strip("-")[:40]
-
-
 def _provider(args, run_name: str):
     """(provider, cell executor, docker client or None) of the runtime asked for."""
     kind = getattr(args, "runtime", "host")
@@ -365,20 +357,10 @@ def _provider(args, run_name: str):
     facts = containers.facts(client)
     containers.remove_orphans(client)
     provider = provision.DockerProvider(client, facts, args.cuda, ca_certs=args.ca_certs, wheels=args.wheels,
-                                        rebuild=args.rebuild, gpu_base_image=args.gpu_base_image, run_id=run_name)
+                                        rebuild=args.rebuild, gpu_base_image=args.gpu_base_image)
     settings = containers.ContainerSettings.for_host(args.cpuset_cpus, args.memory, args.shm_size,
                                                      gpus=provider.device == "cuda")
     return provider, containers.DockerExecutor(client, settings, run_name, facts), client
-
-
-def _int_list(text: str, option: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        fail(f"{option} {text!r}: give integers such as 1,16")
-    return values
 
 
 def prefix(args) -> int:
@@ -395,10 +377,10 @@ def prefix(args) -> int:
     backends = cellmod.parse_list(args.backend, tuple(cellmod.PREFIX_BACKENDS), "backend")
     if not backends:
         fail("--backend is empty; use llamacpp_http, vllm_http or both (comma-separated)")
-    conc = _int_list(args.concurrency, "--concurrency")
+    conc = cellmod.parse_ints(args.concurrency, "--concurrency", "1,16", minimum=None)
     if min(conc) < 1:
         fail(f"--concurrency {args.concurrency}: every level must be >= 1 (requests in flight at once)")
-    mixes = _int_list(args.reuse_mixes, "--reuse-mixes")
+    mixes = cellmod.parse_ints(args.reuse_mixes, "--reuse-mixes", "100,50,0", minimum=None)
     if any(not 0 <= m <= 100 for m in mixes):
         fail(f"--reuse-mixes {args.reuse_mixes}: give percentages between 0 and 100, such as 100,50,0")
     if args.max_tokens < 1:
@@ -523,6 +505,20 @@ def _check_model_arg(model: str) -> None:
     if not path.exists():
         fail(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path; "
              "pass a preset name or the path of an HF directory / .gguf file")
+
+
+def _runner_git() -> dict:
+    """The runner's git SHA and whether its tree has uncommitted changes (the runner is this checkout)."""
+    def git(*cmd: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(host.REPO_ROOT), *cmd], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"sha": sha, "dirty": bool(status) if status is not None else None}
 
 
 def _host_facts() -> dict:

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -271,20 +270,6 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def git_state(repo: Path = REPO_ROOT) -> dict:
-    """The mounted runner's git SHA and whether its tree has uncommitted changes."""
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    sha = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"sha": sha, "dirty": bool(status) if status is not None else None}
-
-
 # -- running cells ---------------------------------------------------------------
 
 def model_paths(spec) -> list[str]:
@@ -295,7 +280,7 @@ def model_paths(spec) -> list[str]:
         paths.append(str(Path(gguf).resolve().parent))
     if spec.model.get("hf_dir"):
         paths.append(str(Path(spec.model["hf_dir"]).resolve()))
-    if getattr(spec.experiment, "prompts_file", None):
+    if spec.experiment.prompts_file:
         paths.append(str(Path(spec.experiment.prompts_file).resolve().parent))
     return paths
 
@@ -325,7 +310,7 @@ class DockerExecutor:
         })
         host.write_spec(spec, out_dir)
         result_path = out_dir / f"{spec.cell_id}.json"
-        before = host._mtime(result_path)
+        before = host.mtime(result_path)
         log_path = out_dir / "logs" / f"{spec.cell_id}.container.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         ct = None
@@ -350,7 +335,7 @@ class DockerExecutor:
                     pass
             # the runner's engine pid is a pid inside the container: meaningless (and unsafe) on the host
             (out_dir / "logs" / f"{spec.cell_id}.engine.pid").unlink(missing_ok=True)
-        if host._mtime(result_path) != before:
+        if host.mtime(result_path) != before:
             return json.loads(result_path.read_text())
         oom = bool(state.get("OOMKilled"))
         why = "was OOM-killed (container memory limit " + self.settings.memory + ")" if oom else f"exited {code}"

@@ -63,11 +63,11 @@ def run_cells(specs: list[tuple[Cell, CellSpec, Launch]], out_dir: Path, resume:
             docs.append(json.loads(result_path.read_text()))
             continue
         say(f"[{i}/{total}] {spec.cell_id}: running ({time.monotonic() - t0:.0f}s elapsed)")
-        before = _mtime(result_path)
+        before = mtime(result_path)
         try:
             doc = execute(spec, launch, out_dir)
         except KeyboardInterrupt:
-            if _mtime(result_path) == before:
+            if mtime(result_path) == before:
                 record_failure(spec, out_dir, "interrupted (SIGINT/SIGTERM) before the cell finished; "
                                "rerun with --resume")
             raise
@@ -78,7 +78,8 @@ def run_cells(specs: list[tuple[Cell, CellSpec, Launch]], out_dir: Path, resume:
     return docs
 
 
-def _mtime(path: Path) -> int | None:
+def mtime(path: Path) -> int | None:
+    """A result file's modification time (None: absent): whether a runner wrote a result."""
     try:
         return path.stat().st_mtime_ns
     except OSError:
@@ -120,7 +121,7 @@ def run_one(spec: CellSpec, launch: Launch, out_dir: Path) -> dict:
     """Host runtime: the runner in its venv, in its own process group; a crash becomes a failed cell."""
     spec_path = write_spec(spec, out_dir)
     result_path = out_dir / f"{spec.cell_id}.json"
-    before = _mtime(result_path)
+    before = mtime(result_path)
     env = dict(os.environ)
     env.pop("LLAMA_CPP_LIB_PATH", None)  # only the shared-library variant sets it
     env.update(launch.env)
@@ -136,7 +137,7 @@ def run_one(spec: CellSpec, launch: Launch, out_dir: Path) -> dict:
     finally:
         if reap_group(out_dir / "logs" / f"{spec.cell_id}.engine.pid"):
             say(f"{spec.cell_id}: the runner left its engine running; killed it")
-    if _mtime(result_path) != before:
+    if mtime(result_path) != before:
         return json.loads(result_path.read_text())
     return record_failure(spec, out_dir, f"runner {describe_exit(code)} before writing a result")
 

@@ -26,8 +26,10 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+from kvmatrix.matrix import cells as cellmod
 from kvmatrix.matrix import envs, llamacpp
 from kvmatrix.matrix import vllm as vllmenv
 from kvmatrix.matrix.console import fail, say
@@ -70,7 +72,7 @@ class ImagePlan:
     #: the key's inputs besides the Dockerfile and args (e.g. the source tree's identity)
     identity: tuple = ()
 
-    @property
+    @cached_property
     def key(self) -> str:
         text = self.dockerfile.read_text() if self.dockerfile.is_file() else str(self.dockerfile)
         return envs.content_key(text, self.build_args, self.identity)
@@ -152,7 +154,7 @@ def llamacpp_plan(source: llamacpp.LlamaSource, device: str, variants: tuple[str
         "WITH_STOCK": "1" if "stock" in extra else "0",
         "RUNNER_REQUIREMENTS": RUNNER_REQUIREMENTS,
     }
-    slug = _slug(source.origin)
+    slug = cellmod.slug(source.origin)
     labels = {
         **_oci(f"kvmatrix llama.cpp {source.origin}", source.commit, source.commit,
                "llama-server + libllama.so + llama-cpp-python on that library"),
@@ -191,10 +193,6 @@ def vllm_plan(version: str, device: str, *, base_image: str | None = None) -> Im
         f"{LABEL_PREFIX}.base_image": base,
     }
     return ImagePlan("vllm", device, "kvmatrix/vllm", DOCKER_DIR / "vllm.Dockerfile", args, labels, ())
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9_.-]+", "-", text.replace("vendored:", "vendored-")).strip("-")[:60]
 
 
 # -- build ---------------------------------------------------------------------

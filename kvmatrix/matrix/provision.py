@@ -76,10 +76,10 @@ class DockerProvider:
     kind = "docker"
 
     def __init__(self, client, facts, cuda: str, *, ca_certs: str | None, wheels: str | None, rebuild: bool,
-                 gpu_base_image: str | None, run_id: str):
+                 gpu_base_image: str | None):
         self.client, self.facts = client, facts
         self.ca_certs, self.wheels, self.rebuild = ca_certs, wheels, rebuild
-        self.gpu_base_image, self.run_id = gpu_base_image, run_id
+        self.gpu_base_image = gpu_base_image
         self.device = docker_device(facts.nvidia, cuda)
 
     def _ensure(self, plan: images.ImagePlan, source=None) -> images.Image:
