@@ -158,9 +158,14 @@ def invalidation_cell(phase, backend, a, b, *, seed, per_token=0.05, n=10, gpu=T
             device = {"sm_clock_mhz": 1980.0, "mem_clock_mhz": 2619.0, "power_w": 310.0 + k, "temp_c": 45.0}
             if throttle is not None and k == throttle:
                 device["sm_clock_mhz"] = 1400.0
+        control = {"reference_ttft_ms": ttft - 0.1 + rng.normal(0, 0.02), "reference_cached_tokens": cached,
+                   "reference_verified": True, "tokenid_ttft_ms": ttft - 0.6, "tokenid_verified": True,
+                   "breakdown": {"ttft_ms": ttft, "client_ms": 0.05, "first_byte_ms": ttft - 0.2,
+                                 "engine_ms": ttft - 1.0, "interface_ms": 0.95}}
         blocks[cond].append(_trial(i, warm, ttft, prompt, cached, rng=rng, warmup_ms=warm_ms, device=device,
-                                   extra=extra))
+                                   extra={**(extra or {}), **control}))
         prev = cond
+    doc["calibration"] = {"enabled": True, "reference_client": "stdlib http.client", "token_id_path": True}
     for cond, ts in blocks.items():
         doc[cond] = _block(ts)
     h = [t["ttft_ms"] for t in blocks["cache_hit"] if not t["warmup"]]
@@ -600,7 +605,7 @@ def test_full_run_produces_every_figure(full_report):
         assert b"<svg" in svg.read_bytes()[:500], name
         assert f"](figures/{name}.png)" in text, name
     assert "skipped (" not in text
-    assert len(ALL_FIGURES) == 9
+    assert len(ALL_FIGURES) == 10
 
 
 def test_full_run_report_sections(full_report):
@@ -806,3 +811,18 @@ def test_provenance_row_names_the_container_image_and_runner_commit():
     row = provenance_row(doc)
     assert row["runtime"] == "docker" and row["runner git"] == "0ecea17abc dirty"
     assert row["image"] == "a2b462cb62a5 (kvmatrix/llamacpp:vendored-0.3.36-cpu-31f55faed2)"
+
+
+def test_harness_overhead_section(full_report):
+    _, text = full_report
+    sec = section(text, "Harness overhead (calibration control)")
+    header = table_header(sec)
+    rows = [dict(zip(header, r, strict=True)) for r in table_rows(sec)]
+    hits = [r for r in rows if r["Condition"] == "cache_hit"]
+    assert hits and all(r["Same cached tokens"] == f"{r['n']}/{r['n']}" for r in hits)
+    for r in hits:  # synthetic: reference = harness - 0.1 ms (+ noise), token-id path = harness - 0.6 ms
+        diff = float(r["Harness − reference (ms) [95% CI]"].split()[0])
+        assert 0.05 < diff < 0.15
+        assert r["Chat − token-id path (ms)"].startswith("+0.60")
+    assert "### TTFT breakdown (medians)" in sec and "fig7_ttft_breakdown.png" in sec
+    assert "Largest median harness overhead on a cache hit: +0.1" in sec

@@ -27,6 +27,7 @@ from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backe
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from kvmatrix.analysis import calibration
 from kvmatrix.analysis.stats import Summary, fmt_p, linear_fit
 from kvmatrix.analysis.summary import (
     SERIES_ATTRS,
@@ -942,6 +943,10 @@ SPECS: list[Spec] = [
     Spec("fig6_slot_eviction", "Slot eviction: N slots sharing one context", "slot_eviction", fig6_slot_eviction,
          "Per condition and slot count: TTFT of the timed query, the share of its prompt the engine served from "
          "the cache, and the time to get [A,B] back right after it; refused = the prompt does not fit a slot."),
+    Spec("fig7_ttft_breakdown", "TTFT breakdown: client / interface / engine", "calibration",
+         lambda ev: calibration.breakdown_figure(ev.cells),
+         "Median parts of the streaming TTFT per backend, hit and miss: client time before the request left, "
+         "the interface (HTTP, tokenization, chat template, scheduling) and the engine's own prompt time."),
 ]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from kvmatrix.analysis import attribution, roofline, stats
+from kvmatrix.analysis import attribution, calibration, roofline, stats
 from kvmatrix.analysis.figures import FigureResult, computation_ms, make_figures
 from kvmatrix.analysis.stats import Summary, fmt_p
 from kvmatrix.analysis.summary import (
@@ -67,6 +67,7 @@ def render(ev: Evidence, figures: list[FigureResult], findings: str | None = Non
         *([findings] if findings else []),
         _figure_list(figures),
         _invalidation_section(ev, figures),
+        calibration.section(ev.cells, _table, _embed(figures, "calibration")),
         attribution.section(ev.cells),
         _scan_section(ev, figures),
         _sweep_section(ev, figures),

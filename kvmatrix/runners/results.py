@@ -25,7 +25,18 @@ Trial (one timed query and its companions)::
     the settle before it), warmup_prompt_tokens, warmup_cached_tokens,
     id_slot, warmup_id_slot (llama-server slot that served the query / warm-up),
     rewarm_time_ms, rewarm_cached_tokens, rewarm_id_slot (the warm-up right after
-    the timed query: what re-establishing [A,B] costs after it)
+    the timed query: what re-establishing [A,B] costs after it),
+    reference_ttft_ms, reference_cached_tokens, reference_engine_prompt_ms,
+    reference_verified (the same query through the reference client),
+    tokenid_ttft_ms, tokenid_cached_tokens, tokenid_engine_prompt_ms, tokenid_verified
+    (the same prompt as token ids), breakdown{ttft_ms, client_ms, first_byte_ms,
+    engine_ms, interface_ms}
+
+Trial-protocol cells also record ``calibration{enabled, reference_client,
+token_id_path, method, conditions{cache_hit|cache_miss|warmup: {n,
+harness_ttft_ms, reference_ttft_ms, difference_ms (median + bootstrap CI),
+same_cached_tokens, reference_verified, tokenid_ttft_ms, template_cost_ms,
+breakdown_ms{}}}}`` (runners/calibration.py).
 
 Cells of trial-protocol experiments also record ``keep_warm{requested, active,
 method | reason, settles, iterations, busy_s}``.
@@ -54,6 +65,8 @@ STAT_FIELDS = (
     "throughput",
     "warmup_time_ms",
     "rewarm_time_ms",
+    "reference_ttft_ms",
+    "tokenid_ttft_ms",
 )
 
 
@@ -84,6 +97,17 @@ class Trial:
     rewarm_time_ms: float | None = None  # the warm-up [A,B] right AFTER the timed query (after a miss: its cost)
     rewarm_cached_tokens: int | None = None
     rewarm_id_slot: int | None = None
+    # the timing control (runners/calibration.py): the same query through the reference client,
+    # and on the token-id path, from the same state
+    reference_ttft_ms: float | None = None
+    reference_cached_tokens: int | None = None
+    reference_engine_prompt_ms: float | None = None
+    reference_verified: bool | None = None
+    tokenid_ttft_ms: float | None = None
+    tokenid_cached_tokens: int | None = None
+    tokenid_engine_prompt_ms: float | None = None
+    tokenid_verified: bool | None = None
+    breakdown: dict | None = None  # the timed query's TTFT split: client / first byte / engine / interface
 
     def to_dict(self) -> dict:
         return asdict(self)

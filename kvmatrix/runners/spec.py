@@ -138,6 +138,9 @@ class ExperimentSpec:
     # keep the GPU busy during settle pauses so idle down-clocking does not inflate TTFT
     # (runners/keep_warm.py; a no-op on CPU runs)
     keep_warm: bool = False
+    # the timing control: the same query through the backend's reference client, and as token ids
+    # (runners/calibration.py); on by default, --no-calibration switches it off
+    calibration: bool = True
 
     def validate(self, runtime: RuntimeSpec) -> None:
         if self.num_trials < 1:

@@ -67,6 +67,11 @@ class Request:
     ``slot``: the llama-server slot to pin (``id_slot``, taken modulo the slot count);
     None lets the server choose (prompt similarity, else least recently used).
     Engines without slots ignore it.
+    ``prompt_ids``: send these token ids on the engine's token-id path instead of the chat
+    messages (``Backend.token_id_path``: llama-server ``/completion``, vLLM ``/v1/completions``,
+    llama-cpp-python ``create_completion``); the template/tokenization cost control.
+    ``client``: ``harness`` (kvmatrix's own request path) or ``reference`` (the timing control,
+    ``Backend.reference_client``): the same request, same cache state, nothing around it.
     """
 
     messages: list[dict]
@@ -74,6 +79,8 @@ class Request:
     stream: bool = True
     ignore_eos: bool = False
     slot: int | None = 0
+    prompt_ids: list[int] | None = None
+    client: str = "harness"
 
 
 @dataclass
@@ -99,6 +106,8 @@ class Measurement:
     connect_s: float | None = None
     prompt_token_ids: list[int] | None = None
     id_slot: int | None = None
+    send_s: float | None = None  # connection established -> request handed to the socket (servers)
+    first_byte_s: float | None = None  # connection established -> response status line (servers)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -114,6 +123,10 @@ class Backend(abc.ABC):
     phase: str = ""
     #: the engine caches in units of this many tokens (vLLM: its block size)
     cache_granularity: int = 1
+    #: what ``Request(client="reference")`` measures (the timing control), or "" when there is none
+    reference_client: str = ""
+    #: a token-id path distinct from the measured chat path exists (``Request.prompt_ids``)
+    token_id_path: bool = False
 
     def __init__(self, cell: CellSpec, log_dir: Path):
         self.cell = cell

@@ -34,6 +34,8 @@ START_TIMEOUT_S = 120.0
 class LlamaCppHttp(Backend):
     name = "llamacpp_http"
     phase = "3a"
+    reference_client = "stdlib http.client, same request bytes, fresh connection"
+    token_id_path = True
 
     def __init__(self, cell, log_dir: Path):
         super().__init__(cell, log_dir)
@@ -154,10 +156,9 @@ class LlamaCppHttp(Backend):
         return self._template_cache[key]
 
     # -- measure --------------------------------------------------------------
-    def measure(self, request: Request) -> Measurement:
-        payload = {
-            "messages": request.messages,
-            "max_tokens": request.max_tokens,
+    def _payload(self, request: Request) -> tuple[str, dict]:
+        """The request as llama-server takes it: chat completions, or ``/completion`` with token ids."""
+        common_fields = {
             "temperature": self.spec.temperature,
             "seed": self.spec.seed,
             "stream": request.stream,
@@ -165,16 +166,19 @@ class LlamaCppHttp(Backend):
             "cache_prompt": self.spec.prefix_caching,
         }
         if request.ignore_eos:
-            payload["ignore_eos"] = True
+            common_fields["ignore_eos"] = True
+        if request.prompt_ids is not None:
+            return "/completion", {"prompt": list(request.prompt_ids), "n_predict": request.max_tokens,
+                                   **common_fields}
+        payload = {"messages": request.messages, "max_tokens": request.max_tokens, **common_fields}
         if request.stream:
             payload["stream_options"] = {"include_usage": True}
+        return "/v1/chat/completions", payload
+
+    def measure(self, request: Request) -> Measurement:
+        path, payload = self._payload(request)
         try:
-            if request.stream:
-                r = self.client.stream_chat("/v1/chat/completions", payload)
-                ttft, total, connect, text, fields = r.ttft_s, r.total_s, r.connect_s, r.text, r.fields
-            else:
-                fields, total, connect = self.client.timed_post("/v1/chat/completions", payload)
-                ttft, text = None, (fields.get("choices") or [{}])[0].get("message", {}).get("content") or ""
+            r = self.client.exchange(path, payload, request.client)
         except HttpError as exc:
             refused = context_exceeded(exc)
             if refused is not None:
@@ -185,6 +189,11 @@ class LlamaCppHttp(Backend):
         except OSError as exc:
             self.proc.check_alive("llama-server")
             raise EngineError(f"llama-server request failed: {exc}", self.log_tail()) from None
+        fields = r.fields
+        text = r.text
+        if not request.stream:
+            text = fields.get("content") if "content" in fields else \
+                (fields.get("choices") or [{}])[0].get("message", {}).get("content") or ""
         timings = fields.get("timings") or {}
         usage = fields.get("usage") or {}
         cache_n = timings.get("cache_n")
@@ -193,17 +202,19 @@ class LlamaCppHttp(Backend):
         if prompt_tokens is None and prompt_n is not None:
             prompt_tokens = prompt_n + (cache_n or 0)
         return Measurement(
-            ttft_s=ttft,
-            total_s=total,
-            text=text,
+            ttft_s=r.ttft_s if request.stream else None,
+            total_s=r.total_s,
+            text=text or "",
             prompt_tokens=prompt_tokens,
             completion_tokens=usage.get("completion_tokens", timings.get("predicted_n")),
             cached_tokens=cache_n,
             engine_prompt_ms=timings.get("prompt_ms"),
             engine_predicted_ms=timings.get("predicted_ms"),
-            connect_s=connect,
+            connect_s=r.connect_s,
+            send_s=r.send_s,
+            first_byte_s=r.first_byte_s,
             id_slot=self.served_slot(payload["id_slot"]),
-            extra={"prompt_n": prompt_n},
+            extra={"prompt_n": prompt_n, "endpoint": path},
         )
 
     def served_slot(self, requested: int) -> int:

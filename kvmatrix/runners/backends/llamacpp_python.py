@@ -37,6 +37,8 @@ VARIANTS = ("chat", "template")
 class LlamaCppPython(Backend):
     name = "llamacpp_python"
     phase = "3b"
+    reference_client = "bare Llama call (same API and arguments), no kvmatrix code in the timed region"
+    token_id_path = True
 
     def __init__(self, cell, log_dir: Path):
         super().__init__(cell, log_dir)
@@ -180,6 +182,11 @@ class LlamaCppPython(Backend):
         self.llm.eval = eval_recording
 
     def measure(self, request: Request) -> Measurement:
+        """The variant's API call (or ``create_completion`` on ``request.prompt_ids``), timed from the call.
+
+        ``client="reference"``: the same call with the same arguments and nothing kvmatrix-side
+        inside the timed region: the first content chunk is taken, the rest drained after the clock.
+        """
         llm, lib = self.llm, self._lib
         self._calls.clear()
         lib.llama_perf_context_reset(llm._ctx.ctx)
@@ -187,26 +194,16 @@ class LlamaCppPython(Backend):
                   "seed": self.spec.seed, "stream": request.stream}
         if request.ignore_eos:
             kwargs["logit_bias"] = {t: -1e9 for t in self._eog}
-        t0 = time.perf_counter()
-        if self.variant == "chat":
-            out = llm.create_chat_completion(messages=request.messages, **kwargs)
+        if request.prompt_ids is not None:
+            call, arg = llm.create_completion, lambda: {"prompt": list(request.prompt_ids)}
+        elif self.variant == "chat":
+            call, arg = llm.create_chat_completion, lambda: {"messages": request.messages}
+        else:  # the template is rendered and tokenized inside the timed call, as a user of this path does
+            call, arg = llm.create_completion, lambda: {"prompt": self.prompt_tokens(request.messages)}
+        if request.client == "reference":
+            ttft, total, text, usage = _bare_call(call, arg, kwargs)
         else:
-            out = llm.create_completion(prompt=self.prompt_tokens(request.messages), **kwargs)
-        ttft = None
-        text_parts: list[str] = []
-        usage = {}
-        if request.stream:
-            for chunk in out:
-                choice = (chunk.get("choices") or [{}])[0]
-                piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
-                if ttft is None and (piece or choice.get("finish_reason")):
-                    ttft = time.perf_counter() - t0
-                text_parts.append(piece or "")
-        else:
-            choice = out["choices"][0]
-            text_parts.append((choice.get("message") or {}).get("content") or choice.get("text") or "")
-            usage = out.get("usage") or {}
-        total = time.perf_counter() - t0
+            ttft, total, text, usage = _harness_call(call, arg, kwargs)
         perf = lib.llama_perf_context(llm._ctx.ctx)
         first = self._calls[0] if self._calls else {"kept": llm.n_tokens, "tokens": []}
         prompt_ids = list(llm.input_ids[: first["kept"]]) + first["tokens"]
@@ -215,15 +212,65 @@ class LlamaCppPython(Backend):
         return Measurement(
             ttft_s=ttft,
             total_s=total,
-            text="".join(text_parts),
+            text=text,
             prompt_tokens=usage.get("prompt_tokens", n_prompt),
             completion_tokens=usage.get("completion_tokens", min(generated, request.max_tokens)),
             cached_tokens=first["kept"],
             engine_prompt_ms=perf.t_p_eval_ms,
             engine_predicted_ms=perf.t_eval_ms,
             prompt_token_ids=prompt_ids,
-            extra={"n_p_eval": perf.n_p_eval, "n_eval": perf.n_eval},
+            extra={"n_p_eval": perf.n_p_eval, "n_eval": perf.n_eval,
+                   "api": "create_completion(tokens)" if request.prompt_ids is not None else self.variant},
         )
+
+
+def _chunk_text(chunk: dict) -> tuple[str, str | None]:
+    choice = (chunk.get("choices") or [{}])[0]
+    piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+    return piece or "", choice.get("finish_reason")
+
+
+def _harness_call(call, arg, kwargs) -> tuple[float | None, float, str, dict]:
+    """kvmatrix's measured path: TTFT at the first chunk with content (or the closing chunk)."""
+    t0 = time.perf_counter()
+    out = call(**arg(), **kwargs)
+    ttft = None
+    parts: list[str] = []
+    usage: dict = {}
+    if kwargs["stream"]:
+        for chunk in out:
+            piece, fin = _chunk_text(chunk)
+            if ttft is None and (piece or fin):
+                ttft = time.perf_counter() - t0
+            parts.append(piece)
+    else:
+        choice = out["choices"][0]
+        parts.append((choice.get("message") or {}).get("content") or choice.get("text") or "")
+        usage = out.get("usage") or {}
+    return ttft, time.perf_counter() - t0, "".join(parts), usage
+
+
+def _bare_call(call, arg, kwargs) -> tuple[float | None, float, str, dict]:
+    """The reference: the same call, the clock around the call and the first chunk only (the template
+    variant's rendering stays inside, as in the harness: it is that API path's own cost)."""
+    if not kwargs["stream"]:
+        t0 = time.perf_counter()
+        out = call(**arg(), **kwargs)
+        total = time.perf_counter() - t0
+        choice = out["choices"][0]
+        return None, total, (choice.get("message") or {}).get("content") or choice.get("text") or "", \
+            out.get("usage") or {}
+    t0 = time.perf_counter()
+    chunks = []
+    ttft = None
+    for chunk in call(**arg(), **kwargs):
+        if ttft is None:
+            piece, fin = _chunk_text(chunk)
+            if piece or fin:
+                ttft = time.perf_counter() - t0
+        chunks.append(chunk)
+    total = time.perf_counter() - t0
+    return ttft, total, "".join(_chunk_text(c)[0] for c in chunks), {}
 
 
 def _ggml_type(lib, name: str) -> int:

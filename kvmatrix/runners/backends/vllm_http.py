@@ -41,11 +41,16 @@ from kvmatrix.runners.backends.http import HttpClient, HttpError
 from kvmatrix.runners.backends.process import HOST, EngineProcess, free_port, tail
 
 START_TIMEOUT_S = 300.0
+#: per-request engine histograms (their sums' deltas around one request): first token, queueing
+ENGINE_TTFT_SUM = ("vllm:time_to_first_token_seconds_sum",)
+QUEUE_SUM = ("vllm:request_queue_time_seconds_sum",)
 
 
 class VllmHttp(vc.VllmBackend):
     name = "vllm_http"
     phase = "1"
+    reference_client = "stdlib http.client, same request bytes, fresh connection"
+    token_id_path = True
 
     def __init__(self, cell, log_dir: Path):
         super().__init__(cell, log_dir)
@@ -182,7 +187,8 @@ class VllmHttp(vc.VllmBackend):
     def _payload(self, request: Request) -> dict:
         payload = {
             "model": self.model_name,
-            "messages": request.messages,
+            **({"prompt": list(request.prompt_ids)} if request.prompt_ids is not None
+               else {"messages": request.messages}),
             "max_tokens": request.max_tokens,
             "temperature": self.spec.temperature,
             "seed": self.spec.seed,
@@ -192,7 +198,7 @@ class VllmHttp(vc.VllmBackend):
             payload["ignore_eos"] = True  # vLLM's extra sampling parameter
         if request.stream:
             payload["stream_options"] = {"include_usage": True}
-        if self.flags.return_token_ids:
+        if self.flags.return_token_ids and request.prompt_ids is None:
             payload["return_token_ids"] = True
         return payload
 
@@ -210,22 +216,20 @@ class VllmHttp(vc.VllmBackend):
             time.sleep(0.02)
 
     def measure(self, request: Request) -> Measurement:
-        tokenized = self.prompt_tokens(request.messages)
+        tokenized = request.prompt_ids if request.prompt_ids is not None else self.prompt_tokens(request.messages)
+        path = "/v1/completions" if request.prompt_ids is not None else "/v1/chat/completions"
         try:
             iso = self._isolate(tokenized)
             before = self._metrics()
-            payload = self._payload(request)
-            if request.stream:
-                r = self.client.stream_chat("/v1/chat/completions", payload)
-                ttft, total, connect, text, fields = r.ttft_s, r.total_s, r.connect_s, r.text, r.fields
-            else:
-                fields, total, connect = self.client.timed_post("/v1/chat/completions", payload)
-                ttft = None
-                text = (fields.get("choices") or [{}])[0].get("message", {}).get("content") or ""
+            r = self.client.exchange(path, self._payload(request), request.client)
             after = self._metrics_after(before)
         except (HttpError, OSError) as exc:
             self.proc.check_alive("vLLM server")
             raise EngineError(f"vLLM request failed: {exc}", self.log_tail()) from None
+        fields = r.fields
+        ttft, total, connect = (r.ttft_s if request.stream else None), r.total_s, r.connect_s
+        choice = (fields.get("choices") or [{}])[0] if not request.stream else {}
+        text = r.text if request.stream else (choice.get("message") or {}).get("content") or choice.get("text") or ""
         usage = fields.get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
         counters = vc.counters_view(before, after)
@@ -237,8 +241,13 @@ class VllmHttp(vc.VllmBackend):
             self._isolation.record(prompt_ids)
         prefill = vc.metric_delta(before, after, vc.PREFILL_SUM)
         decode = vc.metric_delta(before, after, vc.DECODE_SUM)
+        engine_ttft = vc.metric_delta(before, after, ENGINE_TTFT_SUM)
+        queue = vc.metric_delta(before, after, QUEUE_SUM)
         extra = {
             "cached_tokens_usage": cached_usage,
+            "engine_ttft_ms": None if engine_ttft is None else engine_ttft * 1000,
+            "engine_queue_ms": None if queue is None else queue * 1000,
+            "endpoint": path,
             **counters,
             "prompt_ids_source": "engine" if prompt_ids is not tokenized else "tokenize",
             "prompt_ids_match_tokenize": prompt_ids == tokenized,
@@ -258,6 +267,8 @@ class VllmHttp(vc.VllmBackend):
             engine_prompt_ms=None if prefill is None else prefill * 1000,
             engine_predicted_ms=None if decode is None else decode * 1000,
             connect_s=connect,
+            send_s=r.send_s,
+            first_byte_s=r.first_byte_s,
             prompt_token_ids=prompt_ids,
             extra=extra,
         )

@@ -50,6 +50,7 @@ TTFT_KIND = "generate_max_tokens_1"
 class VllmPython(vc.VllmBackend):
     name = "vllm_python"
     phase = "2"
+    reference_client = "bare LLM.generate on the same token ids, arguments built before the clock"
 
     def __init__(self, cell, log_dir: Path):
         super().__init__(cell, log_dir)
@@ -218,10 +219,15 @@ class VllmPython(vc.VllmBackend):
 
     # -- measure --------------------------------------------------------------
     def _generate(self, ids: list[int], max_tokens: int, ignore_eos: bool = False):
+        return self._call(*self._arguments(ids, max_tokens, ignore_eos))
+
+    def _arguments(self, ids: list[int], max_tokens: int, ignore_eos: bool = False) -> tuple:
         params = self._sampling(max_tokens=max_tokens, temperature=self.spec.temperature, seed=self.spec.seed,
                                 ignore_eos=ignore_eos)
-        prompt = self._tokens_prompt(prompt_token_ids=ids)
-        return self.llm.generate([prompt], params, use_tqdm=False)[0]
+        return [self._tokens_prompt(prompt_token_ids=ids)], params
+
+    def _call(self, prompts, params):
+        return self.llm.generate(prompts, params, use_tqdm=False)[0]
 
     def _metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -247,12 +253,17 @@ class VllmPython(vc.VllmBackend):
         ids = self.prompt_tokens(request.messages)
         iso = self._isolate(ids)
         before = self._metrics()
-        t0 = time.perf_counter()
         try:
-            out = self._generate(ids, request.max_tokens, request.ignore_eos)
+            if request.client == "reference":  # the bare call: its arguments are built before the clock
+                prompts, params = self._arguments(ids, request.max_tokens, request.ignore_eos)
+                t0 = time.perf_counter()
+                out = self.llm.generate(prompts, params, use_tqdm=False)[0]
+            else:
+                t0 = time.perf_counter()
+                out = self._generate(ids, request.max_tokens, request.ignore_eos)
+            total = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - a dead engine core surfaces here
             raise EngineError(f"vLLM generate failed: {one_line(exc)}", self.log_tail()) from None
-        total = time.perf_counter() - t0
         after = self._metrics()
         stats = getattr(out, "metrics", None)
         first_latency = getattr(stats, "first_token_latency", None)

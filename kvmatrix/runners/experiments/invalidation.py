@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kvmatrix.runners.backends.base import Backend, Measurement, Request
+from kvmatrix.runners.calibration import block, breakdown
 from kvmatrix.runners.device import Nvml
 from kvmatrix.runners.keep_warm import open_keep_warm, settle
 from kvmatrix.runners.results import Trial
@@ -69,7 +70,7 @@ class Tracker:
     def run(self, request: Request) -> tuple[Measurement, int, bool]:
         """Measure one request: (measurement, expected cached tokens, verified). A refused request
         (``ContextExceeded``) propagates and leaves what the slots hold unchanged."""
-        prompt = self.backend.prompt_tokens(request.messages)
+        prompt = request.prompt_ids if request.prompt_ids is not None else self.backend.prompt_tokens(request.messages)
         m = self.backend.measure(request)
         if self.nvml is not None:
             m.extra["device"] = self.nvml.sample()
@@ -104,6 +105,9 @@ def measure_trial(tracker: Tracker, warm_msgs: list[dict], msgs: list[dict], spe
     ``prepare``: untimed requests run before every warm-up, to set the state the condition needs.
     The warm-up right after the timed query is recorded as the re-warm: what re-establishing
     [A,B] costs after this condition's query (after a miss: the "miss warm-up").
+    With ``spec.calibration`` the same query is also sent, from the same re-warmed and settled
+    state, through the reference client (before the harness query on odd trials, after it on
+    even ones) and, where the backend has one, on its token-id path (``runners/calibration.py``).
     """
 
     def warm() -> tuple[Measurement, dict | None]:
@@ -112,10 +116,24 @@ def measure_trial(tracker: Tracker, warm_msgs: list[dict], msgs: list[dict], spe
         m, _, _ = tracker.run(Request(warm_msgs, max_tokens=1, stream=False, slot=warm_slot))
         return m, tracker.settle(spec.settle_ms)
 
+    def control(**kw) -> tuple[Measurement, bool]:
+        warm()
+        m, _, ok = tracker.run(Request(msgs, max_tokens=1, stream=True, slot=slot, **kw))
+        return m, ok
+
+    backend = tracker.backend
+    calibrate = spec.calibration and bool(backend.reference_client)
+    ref = tok = None
+    if calibrate and idx % 2 == 1:
+        ref = control(client="reference")
     w, settled = warm()
     q, expected, ok_q = tracker.run(Request(msgs, max_tokens=1, stream=True, slot=slot))
     rw, _ = warm()
     ns, _, ok_ns = tracker.run(Request(msgs, max_tokens=1, stream=False, slot=slot))
+    if calibrate and idx % 2 == 0:
+        ref = control(client="reference")
+    if calibrate and backend.token_id_path:
+        tok = control(prompt_ids=backend.prompt_tokens(msgs))
     tp = None
     if throughput:
         warm()
@@ -125,6 +143,8 @@ def measure_trial(tracker: Tracker, warm_msgs: list[dict], msgs: list[dict], spe
     ns_ms = ns.total_s * 1000
     completion = (tp.completion_tokens or 0) if tp else (q.completion_tokens or 0)
     return Trial(
+        **_controls(ref, tok),
+        breakdown=breakdown(ttft_ms, _ms(q.send_s), _ms(q.first_byte_s), q.engine_prompt_ms),
         trial=idx,
         warmup=is_warmup,
         ttft_ms=ttft_ms,
@@ -153,6 +173,38 @@ def measure_trial(tracker: Tracker, warm_msgs: list[dict], msgs: list[dict], spe
     )
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def _ttft_ms(m: Measurement) -> float:
+    return (m.ttft_s if m.ttft_s is not None else m.total_s) * 1000
+
+
+def _controls(ref: tuple[Measurement, bool] | None, tok: tuple[Measurement, bool] | None) -> dict:
+    """The Trial fields of the reference and token-id controls (absent ones stay None)."""
+    out: dict = {}
+    if ref is not None:
+        m, ok = ref
+        out.update(reference_ttft_ms=_ttft_ms(m), reference_cached_tokens=m.cached_tokens,
+                   reference_engine_prompt_ms=m.engine_prompt_ms, reference_verified=ok)
+    if tok is not None:
+        m, ok = tok
+        out.update(tokenid_ttft_ms=_ttft_ms(m), tokenid_cached_tokens=m.cached_tokens,
+                   tokenid_engine_prompt_ms=m.engine_prompt_ms, tokenid_verified=ok)
+    return out
+
+
+def calibration_block(backend: Backend, spec: ExperimentSpec, trials: dict[str, list[Trial]]) -> dict:
+    """The cell's ``calibration`` block (or ``{"enabled": False, ...}``): see runners/calibration.py."""
+    if not spec.calibration:
+        return {"enabled": False, "reason": "switched off (--no-calibration)"}
+    if not backend.reference_client:
+        return {"enabled": False, "reason": f"{backend.name} has no reference client"}
+    return block({c: [t.to_dict() for t in ts] for c, ts in trials.items()}, backend.reference_client,
+                 backend.token_id_path)
+
+
 def run(backend: Backend, spec: ExperimentSpec, progress=None, conditions: tuple[str, ...] = tuple(CONDITIONS)) -> dict:
     vocab = Vocabulary.from_engine(backend.tokenize)
     cfg = spec.config
@@ -177,6 +229,7 @@ def run(backend: Backend, spec: ExperimentSpec, progress=None, conditions: tuple
         "workload": {"a_tokens": cfg.a, "b_tokens": cfg.b, "q_tokens": cfg.q, "seed": spec.seed,
                      "words": len(vocab.words), "q_text": ctx.q.strip()},
         "keep_warm": keep_warm,
+        "calibration": calibration_block(backend, spec, trials),
     }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 
 from kvmatrix.runners.backends.base import Backend
-from kvmatrix.runners.experiments.invalidation import WARM, Tracker, measure_trial
+from kvmatrix.runners.experiments.invalidation import WARM, Tracker, calibration_block, measure_trial
 from kvmatrix.runners.results import condition_block
 from kvmatrix.runners.spec import ExperimentSpec
 from kvmatrix.runners.workload import Vocabulary
@@ -63,4 +63,5 @@ def run(backend: Backend, spec: ExperimentSpec, progress=None) -> dict:
     return {"trials": {}, "scan": scan,
             "workload": {"a_tokens": cfg.a, "b_tokens": cfg.b, "q_tokens": cfg.q, "seed": spec.seed,
                          "kept_counts": counts},
-            "keep_warm": keep_warm}
+            "keep_warm": keep_warm,
+            "calibration": calibration_block(backend, spec, {f"kept_{k}": ts for k, ts in per_k.items()})}

@@ -62,7 +62,7 @@ import random
 from dataclasses import dataclass
 
 from kvmatrix.runners.backends.base import Backend, ContextExceeded, Request
-from kvmatrix.runners.experiments.invalidation import Tracker, measure_trial, order_labels, schedule
+from kvmatrix.runners.experiments.invalidation import Tracker, calibration_block, measure_trial, order_labels, schedule
 from kvmatrix.runners.spec import ExperimentSpec, SpecError
 from kvmatrix.runners.workload import Contexts, Vocabulary
 
@@ -170,4 +170,5 @@ def run(backend: Backend, spec: ExperimentSpec, progress=None) -> dict:
         "workload": {"a_tokens": cfg.a, "b_tokens": cfg.b, "q_tokens": cfg.q, "seed": spec.seed,
                      "words": len(vocab.words), "q_text": contexts["ab"].q.strip()},
         "keep_warm": keep_warm,
+        "calibration": calibration_block(backend, spec, trials),
     }

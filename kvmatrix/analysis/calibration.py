@@ -1,0 +1,224 @@
+"""Harness overhead and the TTFT breakdown, from the cells' calibration data.
+
+Reads only result JSON (each trial's ``ttft_ms`` / ``reference_ttft_ms`` /
+``tokenid_ttft_ms`` / ``breakdown``, written by runners/calibration.py):
+
+* ``overhead_rows``  backend x condition, trials pooled over the cells of a
+  backend (model, settings and configs alike): harness TTFT, reference TTFT
+  and the paired difference (harness - reference), each a median with a
+  bootstrap CI; the chat template + tokenization cost (chat path - token-id
+  path) where measured; and whether both clients saw the same cached tokens;
+* ``section``        the report's "Harness overhead" section;
+* ``breakdown_figure`` one stacked bar per backend and condition: client /
+  interface / engine (medians of each part);
+* ``python -m kvmatrix.analysis.calibration DIR...`` prints the table (the
+  ``nox -s calibrate`` benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmatrix.analysis.stats import Summary, summarize
+from kvmatrix.analysis.summary import is_ok, load_required, phase_key, series_names
+
+CONDITIONS = ("cache_hit", "cache_miss", "warmup")
+PARTS = ("client_ms", "interface_ms", "engine_ms")
+PART_LABELS = {"client_ms": "client (before the request left)", "interface_ms": "interface (HTTP, template, "
+               "tokenization, scheduling)", "engine_ms": "engine (its own prompt time)"}
+
+
+@dataclass
+class OverheadRow:
+    series: str
+    phase: str
+    backend: str
+    condition: str
+    reference: str
+    harness: Summary
+    ref: Summary
+    diff: Summary
+    template: Summary | None
+    same_cached: tuple[int, int]
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+def _trials(cell: dict) -> dict[str, list[dict]]:
+    """Trials per calibration condition: measured hit / miss trials, warm-up trials pooled."""
+    out: dict[str, list[dict]] = {}
+    for cond in ("cache_hit", "cache_miss"):
+        trials = (cell.get(cond) or {}).get("trials") or []
+        out.setdefault(cond, []).extend(t for t in trials if not t.get("warmup"))
+        out.setdefault("warmup", []).extend(t for t in trials if t.get("warmup"))
+    return out
+
+
+def calibrated(cells: list[dict]) -> list[dict]:
+    return [c for c in cells if is_ok(c) and (c.get("calibration") or {}).get("enabled")
+            and any(c.get(k) for k in ("cache_hit", "cache_miss"))]
+
+
+def overhead_rows(cells: list[dict]) -> list[OverheadRow]:
+    cells = calibrated(cells)
+    names = series_names(cells, ("model", "settings")) if cells else []
+    groups: dict[tuple, list[dict]] = {}
+    meta: dict[tuple, tuple] = {}
+    for cell, name in zip(cells, names, strict=True):
+        key = (name, str(cell.get("phase")))
+        meta[key] = (cell.get("backend"), cell["calibration"].get("reference_client", ""))
+        for cond, trials in _trials(cell).items():
+            groups.setdefault(key + (cond,), []).extend(trials)
+    rows = []
+    for (name, phase, cond), trials in groups.items():
+        pairs = [t for t in trials if t.get("ttft_ms") is not None and t.get("reference_ttft_ms") is not None]
+        if not pairs:
+            continue
+        tok = [t for t in trials if t.get("ttft_ms") is not None and t.get("tokenid_ttft_ms") is not None]
+        parts: dict[str, float] = {}
+        for p in PARTS + ("first_byte_ms",):
+            vals = [(t.get("breakdown") or {}).get(p) for t in trials]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                parts[p] = statistics.median(vals)
+        backend, reference = meta[(name, phase)]
+        rows.append(OverheadRow(
+            series=name, phase=phase, backend=str(backend), condition=cond, reference=reference,
+            harness=summarize([t["ttft_ms"] for t in pairs]),
+            ref=summarize([t["reference_ttft_ms"] for t in pairs]),
+            diff=summarize([t["ttft_ms"] - t["reference_ttft_ms"] for t in pairs]),
+            template=summarize([t["ttft_ms"] - t["tokenid_ttft_ms"] for t in tok]) if tok else None,
+            same_cached=(sum(1 for t in pairs if t.get("reference_cached_tokens") == t.get("cached_tokens")),
+                         len(pairs)),
+            parts=parts,
+        ))
+    order = {c: i for i, c in enumerate(CONDITIONS)}
+    rows.sort(key=lambda r: (phase_key(r.phase), r.series, order.get(r.condition, 9)))
+    return rows
+
+
+def _ms(s: Summary | None, digits: int = 2, sign: bool = False) -> str:
+    if s is None or s.median is None:
+        return "—"
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    ci = f" [{f.format(s.ci[0])}, {f.format(s.ci[1])}]" if s.ci else ""
+    return f.format(s.median) + ci
+
+
+def _part(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+HEADERS = ["Phase", "Series", "Condition", "n", "Harness TTFT (ms)", "Reference TTFT (ms)",
+           "Harness − reference (ms) [95% CI]", "Chat − token-id path (ms)", "Same cached tokens"]
+BREAKDOWN_HEADERS = ["Phase", "Series", "Condition", "Client (ms)", "First byte (ms)", "Engine (ms)",
+                     "Interface (ms)", "TTFT (ms)"]
+
+
+def table_rows(rows: list[OverheadRow]) -> list[list[str]]:
+    return [[r.phase, r.series, r.condition, str(r.diff.n), _ms(r.harness), _ms(r.ref), _ms(r.diff, sign=True),
+             _ms(r.template, sign=True), f"{r.same_cached[0]}/{r.same_cached[1]}"] for r in rows]
+
+
+def breakdown_rows(rows: list[OverheadRow]) -> list[list[str]]:
+    return [[r.phase, r.series, r.condition, _part(r.parts.get("client_ms")), _part(r.parts.get("first_byte_ms")),
+             _part(r.parts.get("engine_ms")), _part(r.parts.get("interface_ms")), _ms(r.harness)]
+            for r in rows if r.parts]
+
+
+def section(cells: list[dict], table, embed: list[str]) -> str:
+    """The report's "Harness overhead" section; ``table`` renders rows, ``embed`` the figure lines."""
+    head = "## Harness overhead (calibration control)\n\n"
+    rows = overhead_rows(cells)
+    off = [c for c in cells if is_ok(c) and not (c.get("calibration") or {}).get("enabled")
+           and any(c.get(k) for k in ("cache_hit", "cache_miss"))]
+    if not rows:
+        why = "; ".join(sorted({(c.get("calibration") or {}).get("reason", "recorded before the control existed")
+                                for c in off})) or "no trial-protocol cells"
+        return head + f"No calibration data in these cells ({why}).\n"
+    refs = sorted({f"{r.backend}: {r.reference}" for r in rows})
+    worst_hit = max((r.diff.median for r in rows if r.condition == "cache_hit" and r.diff.median is not None),
+                    default=None)
+    notes = [
+        "Every timed query was also sent through a reference client on the same engine, slot and cache state "
+        "(re-warmed and settled the same way; which client goes first alternates per trial). Harness − reference "
+        "is the median of the per-trial paired differences with its 95% bootstrap CI: what kvmatrix's own "
+        "request path adds to every TTFT in the tables above. Reference clients: " + "; ".join(refs) + ".",
+        "Chat − token-id path: the same prompt sent as token ids (llama-server `/completion`, vLLM "
+        "`/v1/completions`, llama-cpp-python `create_completion`): what the chat template, tokenization and the "
+        "chat endpoint cost on that engine.",
+    ]
+    if worst_hit is not None:
+        notes.append(f"Largest median harness overhead on a cache hit: {worst_hit:+.3f} ms.")
+    if off:
+        notes.append(f"{len(off)} cell(s) ran without the control (see their `calibration.reason`).")
+    parts = [head + "\n\n".join(notes), table(table_rows(rows), HEADERS),
+             "### TTFT breakdown (medians)\n\nClient = connection established → request handed to the socket; "
+             "first byte = → the response's status line; engine = the engine's own prompt time (llama.cpp "
+             "`timings.prompt_ms` / perf context, vLLM prefill histogram or `RequestOutput.metrics`); interface = "
+             "TTFT − client − engine (HTTP, tokenization, chat template, scheduling).",
+             table(breakdown_rows(rows), BREAKDOWN_HEADERS), *embed]
+    return "\n\n".join(parts)
+
+
+def breakdown_figure(cells: list[dict]):
+    """Stacked bars of the breakdown per series: hit and miss side by side; a note string when there is none."""
+    rows = [r for r in overhead_rows(cells) if r.parts and r.condition in ("cache_hit", "cache_miss")]
+    if not rows:
+        return "no calibrated cells with a TTFT breakdown"
+    from matplotlib.figure import Figure  # noqa: PLC0415 - no pyplot: no global state (as figures.py)
+
+    series = list(dict.fromkeys((r.phase, r.series) for r in rows))
+    fig = Figure(figsize=(min(16, 2.2 + 1.3 * len(series)), 4.2))
+    ax = fig.subplots()
+    colours = {"client_ms": "#4c72b0", "interface_ms": "#dd8452", "engine_ms": "#55a868"}
+    width = 0.38
+    for i, key in enumerate(series):
+        for j, cond in enumerate(("cache_hit", "cache_miss")):
+            r = next((x for x in rows if (x.phase, x.series) == key and x.condition == cond), None)
+            if r is None:
+                continue
+            x = i + (j - 0.5) * width
+            bottom = 0.0
+            for p in PARTS:
+                v = max(0.0, r.parts.get(p) or 0.0)
+                ax.bar(x, v, width * 0.95, bottom=bottom, color=colours[p], alpha=1.0 if cond == "cache_miss" else 0.6,
+                       label=PART_LABELS[p] if i == 0 and j == 0 else None, edgecolor="white", linewidth=0.5)
+                bottom += v
+            ax.text(x, bottom, "hit" if cond == "cache_hit" else "miss", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(series)), [f"{p} {s}" for p, s in series], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("median TTFT part (ms)")
+    ax.set_title("TTFT breakdown per backend: client / interface / engine (hit light, miss dark)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvmatrix.analysis.calibration",
+                                 description="Print the harness-overhead table of result folders.")
+    ap.add_argument("dirs", nargs="+", type=Path, help="result folders (cell JSON files)")
+    args = ap.parse_args(argv)
+    from tabulate import tabulate  # noqa: PLC0415
+
+    try:
+        cells = load_required(args.dirs)
+    except (ValueError, OSError) as exc:
+        print(f"kvmatrix: error: {exc}", file=sys.stderr)
+        return 2
+    rows = overhead_rows(cells)
+    if not rows:
+        print("kvmatrix: error: no calibrated cells in these folders; run them with the control on", file=sys.stderr)
+        return 2
+    print(tabulate(table_rows(rows), headers=HEADERS, tablefmt="github", disable_numparse=True))
+    print()
+    print(tabulate(breakdown_rows(rows), headers=BREAKDOWN_HEADERS, tablefmt="github", disable_numparse=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
