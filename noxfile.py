@@ -116,6 +116,38 @@ def prefix(session):
 
 
 @nox.session
+def calibrate(session):
+    """Harness-overhead benchmark: phases 1, 2, 3a, 3b at 512/256, then the overhead and breakdown tables.
+
+    Every cell carries the calibration control (harness vs reference client on the same requests);
+    this session prints its tables. -- options go to ``run`` (e.g. --phases 3a,3b --trials 5 --out DIR).
+    """
+    session.install("-e", ".[analysis]")
+    args = list(session.posargs)
+    out = args[args.index("--out") + 1] if "--out" in args else "results/calibrate"
+    if "--out" not in args:
+        args += ["--out", out]
+    if "--phases" not in args:
+        args += ["--phases", "1,2,3a,3b"]
+    if "--config" not in args:
+        args += ["--config", "512/256"]
+    session.run("python", "-m", "kvmatrix.matrix", "run", "--run-name", "calibrate", "--runtime", "host", *args)
+    session.run("python", "-m", "kvmatrix.analysis.calibration", out)
+
+
+@nox.session
+def peer_check(session):
+    """Benchmark: kvmatrix's TTFT vs ``vllm bench serve``, same server and prompts, 1 in flight (goal: within 5%).
+
+    -- --engine vllm,llamacpp --prompts 24 --prefix-tokens 384 --max-tokens 16 --passes 2 --out DIR.
+    Resolves the cached vLLM venv, model and llama.cpp build as the other sessions do, then runs
+    benchmarks/peer_check.py inside the vLLM venv; prints a table per engine, writes DIR/peer_check.json.
+    """
+    session.install("-e", ".")
+    session.run("python", "-m", "benchmarks.peer_check", *session.posargs)
+
+
+@nox.session
 def figures(session):
     """Regenerate figures from existing results without rerunning anything: -- DIR [DIR ...]."""
     session.install("-e", ".[analysis]")

