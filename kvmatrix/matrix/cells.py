@@ -133,23 +133,24 @@ def expand(phases: list[str], configs: list[ABConfig], experiments: tuple[str, .
     """Every cell of the matrix, in run order (experiment, phase, interface, build, config).
 
     slot_eviction: one cell per slot count of ``parallel_slots``, on the phases that have slots
-    (``SLOT_EVICTION_PHASES``) only; the other phases get no slot_eviction cell.
+    (``SLOT_EVICTION_PHASES``) only; the other phases get no slot_eviction cell. batch_sweep and
+    slot_eviction run the configs of one n_batch / slot count one after another: cells with the same
+    engine settings are adjacent, so they share one engine start (``host.group_cells``).
     """
     cells = []
     for exp in experiments:
         if exp == "slot_eviction":
             cells += [Cell(p, backend, variant, cfg, exp, n_parallel=n)
                       for p in phases if p in SLOT_EVICTION_PHASES for backend, variant in PHASES[p]
-                      for cfg in configs for n in parallel_slots]
+                      for n in parallel_slots for cfg in configs]
             continue
         for p in phases:
             for backend, variant in PHASES[p]:
                 for build in (builds if p == "3b" else (None,)):
-                    for cfg in configs:
-                        if exp == "batch_sweep":
-                            cells += [Cell(p, backend, variant, cfg, exp, build, b) for b in batch_sizes]
-                        else:
-                            cells.append(Cell(p, backend, variant, cfg, exp, build))
+                    if exp == "batch_sweep":
+                        cells += [Cell(p, backend, variant, cfg, exp, build, b) for b in batch_sizes for cfg in configs]
+                        continue
+                    cells += [Cell(p, backend, variant, cfg, exp, build) for cfg in configs]
     ids = [c.cell_id for c in cells]
     if len(set(ids)) != len(ids):
         fail("the same config is given twice; list each --config once")

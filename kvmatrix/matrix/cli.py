@@ -30,6 +30,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="CUDA build / vLLM on the GPU (default: auto-detect nvcc + GPU / a GPU)")
 
 
+def add_reuse_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-engine-reuse", dest="engine_reuse", action="store_false",
+                   help="start the engine once per cell (default: once per group of consecutive cells with the "
+                        "same backend, engine, model and runtime settings, e.g. the A/B configs of one phase)")
+
+
 def add_run_options(p: argparse.ArgumentParser, matrix: bool) -> None:
     """Options of ``run`` and ``matrix`` (``matrix`` adds the version axes, runtimes and shards)."""
     add_common(p)
@@ -48,6 +54,7 @@ def add_run_options(p: argparse.ArgumentParser, matrix: bool) -> None:
     p.add_argument("--out", default=None, help="results folder (default results/<run-name>)")
     p.add_argument("--run-name", default=None, help="run name (default: a timestamp)")
     p.add_argument("--resume", action="store_true", help="skip cells that already have an ok result in --out")
+    add_reuse_option(p)
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--n-batch", type=int, default=2048)
     p.add_argument("--n-ubatch", type=int, default=512)
@@ -60,6 +67,9 @@ def add_run_options(p: argparse.ArgumentParser, matrix: bool) -> None:
     p.add_argument("--parallel-slots", default="1,2,4",
                    help="slot_eviction: llama-server slot counts (--parallel), one cell each at the same total "
                         "--n-ctx (each slot gets n_ctx/N; n_ctx must be a multiple of 256*N) (default 1,2,4)")
+    p.add_argument("--no-calibration", dest="calibration", action="store_false",
+                   help="skip the timing control (the same queries through a minimal reference client and as "
+                        "token ids, to measure kvmatrix's own overhead and the chat-template cost; on by default)")
     p.add_argument("--keep-warm", action="store_true",
                    help="keep the GPU busy during settle pauses (CUDA driver loop; a no-op on CPU runs) so idle "
                         "down-clocking does not inflate TTFT")
@@ -135,6 +145,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default=None, help="results folder (default results/<run-name>)")
     x.add_argument("--run-name", default=None, help="run name (default: prefix-<timestamp>)")
     x.add_argument("--resume", action="store_true", help="skip cells that already have an ok result in --out")
+    add_reuse_option(x)
     return ap
 
 
@@ -207,7 +218,7 @@ def run(args) -> int:
                                                    warmup_trials=args.warmup_trials, settle_ms=args.settle_ms,
                                                    max_output_tokens=args.max_output_tokens,
                                                    scan_points=scan_points if name == "recompute_scan" else None,
-                                                   keep_warm=args.keep_warm)
+                                                   keep_warm=args.keep_warm, calibration=args.calibration)
                    for name in exp_names for c in configs}
     try:  # refuse bad settings before building or running anything
         runtime.validate()
@@ -331,14 +342,15 @@ def run(args) -> int:
     shard_note = f" (shard {which_shard[0]}/{which_shard[1]})" if which_shard else ""
     say(f"{len(plan)} cells{shard_note} -> {out_dir} [{provider.kind} runtime]")
     try:
-        docs = host.run_cells(plan, out_dir, args.resume, execute)
+        ran = host.run_cells(plan, out_dir, args.resume, execute, reuse=args.engine_reuse)
     finally:
         if docker_client is not None:
             n = containers.remove_run_containers(docker_client, run_name)
             if n:
                 say(f"removed {n} container(s) of run {run_name}")
+    docs = ran.docs
     failed = [d["cell_id"] for d in docs if d.get("status") != "ok"]
-    say(f"done: {len(docs) - len(failed)} ok, {len(failed)} failed; results in {out_dir}")
+    say(f"done: {len(docs) - len(failed)} ok, {len(failed)} failed, {_starts(ran)}; results in {out_dir}")
     if failed:
         say("failed cells: " + ", ".join(failed) + " (rerun with --resume to retry only these)")
         return 1
@@ -454,16 +466,21 @@ def prefix(args) -> int:
             plan.append((cell, spec, launch))
     say(f"{len(plan)} cells -> {out_dir} (prefix regimes {','.join(map(str, regimes))}, {variants} questions, "
         f"concurrency {','.join(map(str, conc))}, reuse {','.join(map(str, mixes))}%)")
-    docs = host.run_cells(plan, out_dir, args.resume)
+    ran = host.run_cells(plan, out_dir, args.resume, reuse=args.engine_reuse)
+    docs = ran.docs
     failed = [d["cell_id"] for d in docs if d.get("status") != "ok"]
     from kvmatrix.analysis import prefix_report  # noqa: PLC0415
 
     report = prefix_report.write_report(out_dir)
-    say(f"done: {len(docs) - len(failed)} ok, {len(failed)} failed; write-up {report}")
+    say(f"done: {len(docs) - len(failed)} ok, {len(failed)} failed, {_starts(ran)}; write-up {report}")
     if failed:
         say("failed cells: " + ", ".join(failed) + " (rerun with --resume to retry only these)")
         return 1
     return 0
+
+
+def _starts(ran: host.CellRun) -> str:
+    return f"{ran.engine_starts} engine start{'s' if ran.engine_starts != 1 else ''}"
 
 
 def _sweep_runtime(runtime: RuntimeSpec, n_batch: int) -> RuntimeSpec:

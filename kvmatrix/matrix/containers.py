@@ -1,4 +1,5 @@
-"""The ``docker`` runtime: identical container options for every cell, one container per cell, cleanup.
+"""The ``docker`` runtime: identical container options for every cell, one container per group of cells
+sharing an engine start (one cell with --no-engine-reuse), cleanup.
 
 ``run_options`` is the ONE place that renders how a cell's container runs;
 every cell of every backend gets the same options except its image, command,
@@ -119,9 +120,15 @@ def owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run_options(image: str, python: str, spec_path: Path, out_dir: Path, model_paths: list[str],
-                settings: ContainerSettings, run_id: str, cell_id: str, env: dict[str, str]) -> RunOptions:
-    """How ONE cell's container runs: identical for every cell but image, command, env and cell label."""
+def run_options(image: str, python: str, spec_path: Path | list[Path], out_dir: Path, model_paths: list[str],
+                settings: ContainerSettings, run_id: str, cell_id: str | list[str], env: dict[str, str]) -> RunOptions:
+    """How ONE group's container runs: identical for every group but image, command, env and cell label.
+
+    ``spec_path``/``cell_id``: the group's cell specs and ids (one each for a single cell); the container
+    is named after the first cell and labelled with all of them.
+    """
+    spec_paths = spec_path if isinstance(spec_path, list) else [spec_path]
+    cell_ids = cell_id if isinstance(cell_id, list) else [cell_id]
     mounts = [Mount(str(REPO_ROOT), True)]
     # a folder inside another mounted folder needs no mount of its own
     reads = sorted(set(model_paths))
@@ -136,9 +143,10 @@ def run_options(image: str, python: str, spec_path: Path, out_dir: Path, model_p
         "TRANSFORMERS_OFFLINE": "1",
         **env,
     }
-    labels = {RUN_LABEL: run_id, OWNER_LABEL: owner(), CELL_LABEL: cell_id}
-    return RunOptions(image=image, command=(python, "-m", "kvmatrix.runners", str(spec_path)), settings=settings,
-                      mounts=tuple(mounts), env=full_env, labels=labels, name=_container_name(run_id, cell_id))
+    labels = {RUN_LABEL: run_id, OWNER_LABEL: owner(), CELL_LABEL: ",".join(cell_ids)}
+    return RunOptions(image=image, command=(python, "-m", "kvmatrix.runners", *map(str, spec_paths)),
+                      settings=settings, mounts=tuple(mounts), env=full_env, labels=labels,
+                      name=_container_name(run_id, cell_ids[0]))
 
 
 def _container_name(run_id: str, cell_id: str) -> str:
@@ -286,7 +294,8 @@ def model_paths(spec) -> list[str]:
 
 
 class DockerExecutor:
-    """Runs one cell in one container (``host.run_cells`` calls it); the container never outlives the call."""
+    """Runs one group of cells (one engine start) in one container (``host.run_cells`` calls it); the
+    container never outlives the call."""
 
     def __init__(self, c, settings: ContainerSettings, run_id: str, docker_facts: DockerFacts):
         self.client = c
@@ -294,27 +303,31 @@ class DockerExecutor:
         self.run_id = run_id
         self.facts = docker_facts
 
-    def options(self, spec, launch, out_dir: Path) -> RunOptions:
-        spec_path = out_dir / "cells" / f"{spec.cell_id}.json"
-        return run_options(launch.image.id, str(launch.python), spec_path, out_dir, model_paths(spec),
-                           self.settings, self.run_id, spec.cell_id, launch.env)
+    def options(self, specs, launch, out_dir: Path) -> RunOptions:
+        specs = specs if isinstance(specs, list) else [specs]
+        paths = [out_dir / "cells" / f"{spec.cell_id}.json" for spec in specs]
+        model = sorted({p for spec in specs for p in model_paths(spec)})
+        return run_options(launch.image.id, str(launch.python), paths, out_dir, model,
+                           self.settings, self.run_id, [spec.cell_id for spec in specs], launch.env)
 
-    def __call__(self, spec, launch, out_dir: Path) -> dict:
+    def __call__(self, specs, launch, out_dir: Path) -> dict[str, dict]:
         from kvmatrix.matrix import host  # noqa: PLC0415
 
-        opts = self.options(spec, launch, out_dir)
-        spec = replace(spec, provenance={
+        opts = self.options(specs, launch, out_dir)
+        specs = [replace(spec, provenance={
             **spec.provenance,
             "container": {"image": launch.image.provenance(), "run_options": opts.cli(),
                           "docker": self.facts.provenance()},
-        })
-        host.write_spec(spec, out_dir)
-        result_path = out_dir / f"{spec.cell_id}.json"
-        before = host.mtime(result_path)
-        log_path = out_dir / "logs" / f"{spec.cell_id}.container.log"
+        }) for spec in specs]
+        for spec in specs:
+            host.write_spec(spec, out_dir)
+        before = {spec.cell_id: host.mtime(out_dir / f"{spec.cell_id}.json") for spec in specs}
+        first = specs[0].cell_id
+        log_path = out_dir / "logs" / f"{first}.container.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         ct = None
         state: dict = {}
+        code = None
         try:
             ct = self.client.containers.create(**opts.sdk_kwargs())
             ct.start()
@@ -334,12 +347,11 @@ class DockerExecutor:
                 except Exception:  # noqa: BLE001 - gone already
                     pass
             # the runner's engine pid is a pid inside the container: meaningless (and unsafe) on the host
-            (out_dir / "logs" / f"{spec.cell_id}.engine.pid").unlink(missing_ok=True)
-        if host.mtime(result_path) != before:
-            return json.loads(result_path.read_text())
+            (out_dir / "logs" / f"{first}.engine.pid").unlink(missing_ok=True)
         oom = bool(state.get("OOMKilled"))
         why = "was OOM-killed (container memory limit " + self.settings.memory + ")" if oom else f"exited {code}"
-        return host.record_failure(spec, out_dir, f"container {why} before the runner wrote a result",
-                                   extra={"container_state": {k: state.get(k) for k in
-                                                              ("ExitCode", "OOMKilled", "Error", "FinishedAt")}},
-                                   logs=("engine", "container"))
+        return host.collect(specs, out_dir, before, None if oom else code,
+                            f"container {why} before the runner wrote a result",
+                            extra={"container_state": {k: state.get(k) for k in
+                                                       ("ExitCode", "OOMKilled", "Error", "FinishedAt")}},
+                            logs=("engine", "container"))

@@ -2,7 +2,7 @@
 
 * source: the llama.cpp vendored inside a llama-cpp-python sdist from PyPI
   (default ``vendored:0.3.36``), or any checkout given as a directory.
-* build: CMake, once per (source commit, flags), cached; produces
+* build: CMake, once per (source content, flags) whichever command asks (``build_key``), cached; produces
   ``llama-server`` and the shared ``libllama.so`` that the bindings load
   through ``LLAMA_CPP_LIB_PATH``. CUDA is switched on when nvcc and a GPU exist.
 * bindings: llama-cpp-python installed WITHOUT compiling
@@ -193,17 +193,39 @@ def detect_cuda() -> tuple[bool, str | None]:
     """(cuda usable, compute capability like '90') from nvcc + nvidia-smi."""
     if os.environ.get("KVMATRIX_CUDA", "").lower() in {"0", "off", "no"}:
         return False, None
-    if not shutil.which("nvcc") or not shutil.which("nvidia-smi"):
+    if not shutil.which("nvcc"):
         return False, None
+    arch = gpu_arch()
+    return (True, arch) if arch else (False, None)
+
+
+def gpu_arch() -> str | None:
+    """The first GPU's compute capability without the dot ('90'), from nvidia-smi; None without one."""
+    if not shutil.which("nvidia-smi"):
+        return None
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return False, None
+        return None
     caps = out.stdout.strip().splitlines()
-    if out.returncode != 0 or not caps:
+    if out.returncode != 0 or not caps or not caps[0].strip():
+        return None
+    return caps[0].strip().replace(".", "")
+
+
+def resolve_cuda(cuda: str = "auto") -> tuple[bool, str | None]:
+    """(CUDA on, architecture) for ``--cuda auto|on|off``, the same whichever way CUDA was switched on.
+
+    ``on`` and ``auto`` (on a host where auto finds nvcc and a GPU) give the SAME architecture (the GPU's,
+    from nvidia-smi), so ``build --cuda on`` and ``run`` (auto) share one build; ``native`` (CMake asks
+    the GPU) only where no GPU answers.
+    """
+    if cuda == "off":
         return False, None
-    return True, caps[0].strip().replace(".", "")
+    if cuda == "on":
+        return True, gpu_arch()
+    return detect_cuda()
 
 
 def server_in_examples(source: LlamaSource) -> bool:
@@ -249,23 +271,48 @@ def cmake_flags(source: LlamaSource, cuda: bool, arch: str | None, openssl: bool
     return flags
 
 
+@dataclass(frozen=True)
+class BuildKey:
+    """What decides a build, and where it lives: the source's content and the CMake flags, nothing else
+    (not how the source was named, not which command or phases asked for it)."""
+
+    cuda: bool
+    arch: str | None
+    flags: tuple[str, ...]
+    source_digest: str
+    key: str
+
+    @property
+    def build_dir(self) -> Path:
+        return envs.cache_dir() / "builds" / f"llama-{self.key}"
+
+
+def build_key(source: LlamaSource, cuda: str = "auto") -> BuildKey:
+    """The ONE computation of a build's flags and cache key (``build``, ``run``, ``matrix``, ``prefix``)."""
+    has_cuda, arch = resolve_cuda(cuda)
+    flags = cmake_flags(source, has_cuda, arch)
+    digest = source_digest(source.path)
+    key = envs.content_key(flags, digest)
+    return BuildKey(has_cuda, arch, tuple(flags), digest, f"{source.commit}-{key}")
+
+
 def planned_build(source: LlamaSource, cuda: str = "auto") -> LlamaBuild:
     """The flags a build WOULD use, without compiling (for variants that compile their own copy)."""
-    has_cuda, arch = detect_cuda() if cuda == "auto" else (cuda == "on", None)
+    has_cuda, arch = resolve_cuda(cuda)
     flags = cmake_flags(source, has_cuda, arch)
     return LlamaBuild(source=source, build_dir=Path("/nonexistent"), bin_dir=Path("/nonexistent"), cmake_flags=flags,
                       cuda=has_cuda, compiler="(not built)", build_seconds=0.0, info={"planned_only": True})
 
 
 def ensure_build(source: LlamaSource, cuda: str = "auto", jobs: int | None = None) -> LlamaBuild:
-    """Build llama-server + libllama once per (commit, flags); return the cached build."""
-    has_cuda, arch = detect_cuda() if cuda == "auto" else (cuda == "on", None)
+    """Build llama-server + libllama once per (source content, flags); return the cached build."""
     if cuda == "on" and not shutil.which("nvcc"):
         fail("--cuda on but nvcc is not on PATH; install the CUDA toolkit or use --cuda off")
-    flags = cmake_flags(source, has_cuda, arch)
-    key = envs.content_key(source.origin, source.commit, flags, tree_stamp(source.path))
-    build_dir = envs.cache_dir() / "builds" / f"llama-{source.commit}-{key}"
+    bk = build_key(source, cuda)
+    has_cuda, arch, flags, build_dir = bk.cuda, bk.arch, list(bk.flags), bk.build_dir
     info_file = build_dir / "kvmatrix-build.json"
+    if not envs.is_complete(build_dir):
+        _adopt_legacy_build(source, flags, build_dir)
     if envs.is_complete(build_dir) and info_file.is_file():
         info = json.loads(info_file.read_text())
         return LlamaBuild(source=source, build_dir=build_dir, bin_dir=build_dir / "bin", cmake_flags=flags,
@@ -278,13 +325,14 @@ def ensure_build(source: LlamaSource, cuda: str = "auto", jobs: int | None = Non
         f"with {jobs} jobs into {build_dir} (cached after this; ~10 min on 2 cores, seconds with a warm ccache)")
     t0 = time.monotonic()
     log = build_dir / "build.log"
-    _stream([ "cmake", "-S", str(source.path), "-B", str(build_dir), *flags, *launcher], log, "configure")
+    _stream(["cmake", "-S", str(source.path), "-B", str(build_dir), *flags, *launcher], log, "configure")
     _stream(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", "llama-server", "llama"], log, "build")
     seconds = time.monotonic() - t0
     if not (build_dir / "bin" / "llama-server").is_file() or not (build_dir / "bin" / "libllama.so").is_file():
         fail(f"llama.cpp build finished without bin/llama-server or bin/libllama.so; see {log}")
     info = {"compiler": _compiler(build_dir), "build_seconds": round(seconds, 1), "cmake_flags": flags,
-            "commit": source.commit, "cuda": has_cuda, "cuda_arch": arch, "nvcc": _nvcc_version() if has_cuda else None}
+            "commit": source.commit, "source_digest": bk.source_digest, "built_from": str(source.path),
+            "cuda": has_cuda, "cuda_arch": arch, "nvcc": _nvcc_version() if has_cuda else None}
     info_file.write_text(json.dumps(info, indent=1))
     envs.mark_complete(build_dir, info)
     say(f"llama.cpp build done in {seconds:.0f}s")
@@ -292,8 +340,64 @@ def ensure_build(source: LlamaSource, cuda: str = "auto", jobs: int | None = Non
                       cuda=has_cuda, compiler=info["compiler"], build_seconds=seconds, info=info)
 
 
+def _adopt_legacy_build(source: LlamaSource, flags: list[str], build_dir: Path) -> None:
+    """Reuse a build cached under the key of earlier kvmatrix versions (source name, commit, flags, key-file
+    sizes) for the same source and flags: link it under the content key instead of compiling it again."""
+    if build_dir.is_symlink() and not envs.is_complete(build_dir):
+        build_dir.unlink()  # a link to an adopted build that is gone
+    old_key = envs.content_key(source.origin, source.commit, flags, tree_stamp(source.path))
+    legacy = build_dir.parent / f"llama-{source.commit}-{old_key}"
+    if legacy == build_dir or not envs.is_complete(legacy) or not (legacy / "kvmatrix-build.json").is_file():
+        return
+    envs.reset_entry(build_dir)
+    if build_dir.exists():
+        return
+    tmp = build_dir.with_name(f".{build_dir.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(legacy.name, target_is_directory=True)
+    os.replace(tmp, build_dir)
+    say(f"llama.cpp build {legacy.name} (cached by an earlier kvmatrix) reused as {build_dir.name}")
+
+
+#: top-level folders of a llama.cpp tree that no CMake build of the server / library reads
+_NOT_BUILT = {"docs", "models", "media", "tests", "benches", "gguf-py", "requirements", "ci", "skills"}
+
+
+def source_digest(path: Path) -> str:
+    """The content of a llama.cpp tree as far as the build reads it: every file's path and bytes.
+
+    Left out: hidden entries (.git, .github), Python caches, CMake build folders inside the tree (a folder
+    holding CMakeCache.txt) and the top-level folders in ``_NOT_BUILT``. Where the tree lies, what it is
+    called and file times do not count, so the same source under two names is one build, and an edited
+    file is another.
+    """
+    import hashlib  # noqa: PLC0415
+
+    h = hashlib.sha256()
+    root = Path(path)
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        if "CMakeCache.txt" in filenames and rel_dir != ".":
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__"
+                             and not (rel_dir == "." and d in _NOT_BUILT))
+        for name in sorted(filenames):
+            if name.startswith(".") or name.endswith((".pyc", ".pyo")):
+                continue
+            full = os.path.join(dirpath, name)
+            try:
+                with open(full, "rb") as fh:
+                    data = hashlib.sha256(fh.read()).hexdigest()
+            except OSError:  # a dangling link
+                continue
+            h.update(f"{os.path.relpath(full, root)}\0{data}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def tree_stamp(path: Path) -> str:
-    """Cheap identity of a source tree without git: size+mtime of key files."""
+    """Cheap identity of a source tree without git: sizes of key files (the Docker image plan's identity;
+    host builds key on ``source_digest``)."""
     parts = []
     for rel in ("CMakeLists.txt", "include/llama.h", "src/llama.cpp", "tools/server/server.cpp"):
         p = path / rel

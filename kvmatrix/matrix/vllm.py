@@ -107,7 +107,7 @@ def ensure_env(version: str = DEFAULT_VERSION, device: str = "cpu") -> VllmEnv:
     check_version(version)
     reqs = requirements(version, device)
     python = envs.ensure_venv(f"{distribution(device)}-{version}", reqs, python=envs.base_python(),
-                              offline_closure=device == "cuda", import_check=IMPORT_CHECK)
+                              offline_closure=device == "cuda", import_check=IMPORT_CHECK if device == "cuda" else None)
     if device == "cpu":
         post_uninstall(python, CPU_POST_UNINSTALL)
     return VllmEnv(version, device, distribution(device), reqs, python,

@@ -1,4 +1,4 @@
-"""``python -m kvmatrix.runners CELL.json``: run one cell (see run_cell.py)."""
+"""``python -m kvmatrix.runners CELL.json [CELL.json ...]``: run cells on one engine (see run_cell.py)."""
 
 import sys
 

@@ -164,6 +164,13 @@ class Backend(abc.ABC):
     def provenance(self) -> dict:
         return {}
 
+    def begin_cell(self, cell: CellSpec, reused: bool) -> dict | None:
+        """Before each cell on this engine (engine reuse, runners/run_cell.py): on a ``reused`` engine
+        leave no cached prompt state behind and say what was done; ``{"restart": why}`` when that is
+        impossible (the runner then starts a fresh engine). Default: nothing held across cells matters,
+        because every trial protocol begins with a discarded warm-up that re-establishes the state."""
+        return None
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

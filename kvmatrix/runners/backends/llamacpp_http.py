@@ -131,6 +131,18 @@ class LlamaCppHttp(Backend):
         self._props = props
         return {k: v for k, v in eff.items() if v is not None}
 
+    def begin_cell(self, cell, reused: bool) -> dict | None:
+        """A reused server: one slot needs nothing (every protocol starts with a discarded warm-up that
+        overwrites it); several slots or a host-RAM prompt cache hold earlier cells' prompts that no API
+        empties here (slot erase needs --slot-save-path), so those take a fresh server."""
+        if not reused:
+            return None
+        if self.spec.cache_ram_mib != 0:
+            return {"restart": "the --cache-ram prompt cache holds earlier cells' prompts"}
+        if self.spec.n_parallel > 1:
+            return {"restart": f"{self.spec.n_parallel} slots hold earlier cells' prompts"}
+        return {"slot": "kept; overwritten by the first (discarded) warm-up"}
+
     def provenance(self) -> dict:
         log = self.log_path.read_text(errors="replace")
         m = re.search(r"system_info:\s*(.+)", log)

@@ -737,6 +737,23 @@ class VllmBackend(Backend):
         self._tokens: dict[str, list[int]] = {}
         self._isolation: CacheIsolation | None = None
 
+    def begin_cell(self, cell, reused: bool) -> dict | None:
+        """Per-cell request log; on a reused engine drop every cached block and restart the isolation
+        bookkeeping, so the new cell starts from an empty prefix cache."""
+        self.requests_log = self.log_dir / f"{cell.cell_id}.requests.jsonl"
+        if not reused or self._isolation is None:
+            return None
+        self._reset_prefix_cache()
+        self._isolation = CacheIsolation(self.cache_granularity)
+        return {"prefix_cache_reset": True}
+
+    def _reset_prefix_cache(self) -> None:
+        for _ in range(50):
+            if self._try_reset_prefix_cache():
+                return
+            time.sleep(0.1)  # blocks still held by a request that is finishing
+        raise EngineError("vLLM refused to reset its prefix cache (blocks still held)", self.log_tail())
+
     def _try_reset_prefix_cache(self) -> bool:
         """Ask the engine to drop its cached blocks; False while a finishing request still holds some."""
         raise NotImplementedError
@@ -754,12 +771,7 @@ class VllmBackend(Backend):
         reset, resend = self._isolation.plan(prompt)
         if not reset:
             return {"cache_reset": False}
-        for _ in range(50):
-            if self._try_reset_prefix_cache():
-                break
-            time.sleep(0.1)  # blocks still held by a request that is finishing
-        else:
-            raise EngineError("vLLM refused to reset its prefix cache (blocks still held)", self.log_tail())
+        self._reset_prefix_cache()
         if resend:
             self._send_untimed(resend)
         self._isolation.reset_done(resend)
