@@ -32,10 +32,12 @@ def test_slot_eviction_cells_are_llama_server_only_one_per_slot_count():
     cells = cellmod.expand(["3a", "3b", "1"], [ABConfig(512, 256)], ("invalidation", "slot_eviction"),
                            parallel_slots=(1, 2, 4))
     ids = [c.cell_id for c in cells]
-    assert ids[:4] == ["phase3a-llamacpp_http-512x256", "phase3b-llamacpp_python-chat-512x256",
-                       "phase3b-llamacpp_python-template-512x256", "phase1-vllm_http-512x256"]  # unchanged
-    assert ids[4:] == [f"slot_eviction-phase3a-llamacpp_http-p{n}-512x256" for n in (1, 2, 4)]
-    assert [c.n_parallel for c in cells[4:]] == [1, 2, 4]
+    # engine-major run order: the llama-server cells (invalidation, then one per slot count) first
+    assert ids == ["phase3a-llamacpp_http-512x256",
+                   *[f"slot_eviction-phase3a-llamacpp_http-p{n}-512x256" for n in (1, 2, 4)],
+                   "phase3b-llamacpp_python-chat-512x256", "phase3b-llamacpp_python-template-512x256",
+                   "phase1-vllm_http-512x256"]
+    assert [c.n_parallel for c in cells[1:4]] == [1, 2, 4]
     assert cellmod.expand(["3b"], [ABConfig(512, 256)], ("slot_eviction",)) == []
 
 

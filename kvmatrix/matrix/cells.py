@@ -130,27 +130,27 @@ def slot_runtime(runtime: RuntimeSpec, n_parallel: int) -> RuntimeSpec:
 def expand(phases: list[str], configs: list[ABConfig], experiments: tuple[str, ...] = ("invalidation",),
            builds: tuple[str, ...] = ("shared",), batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
            parallel_slots: tuple[int, ...] = DEFAULT_PARALLEL_SLOTS) -> list[Cell]:
-    """Every cell of the matrix, in run order (experiment, phase, interface, build, config).
+    """Every cell of the matrix, in run order (phase, interface, build, experiment, config).
 
-    slot_eviction: one cell per slot count of ``parallel_slots``, on the phases that have slots
-    (``SLOT_EVICTION_PHASES``) only; the other phases get no slot_eviction cell. batch_sweep and
-    slot_eviction run the configs of one n_batch / slot count one after another: cells with the same
-    engine settings are adjacent, so they share one engine start (``host.group_cells``).
+    Engine-major: all experiments of one engine come one after another, so cells with the same
+    engine settings are adjacent and share one engine start (``host.group_cells``): the
+    invalidation and recompute_scan cells of a phase run on one engine. slot_eviction: one cell per
+    slot count of ``parallel_slots``, on the phases that have slots (``SLOT_EVICTION_PHASES``) only;
+    batch_sweep and slot_eviction run the configs of one n_batch / slot count one after another.
     """
     cells = []
-    for exp in experiments:
-        if exp == "slot_eviction":
-            cells += [Cell(p, backend, variant, cfg, exp, n_parallel=n)
-                      for p in phases if p in SLOT_EVICTION_PHASES for backend, variant in PHASES[p]
-                      for n in parallel_slots for cfg in configs]
-            continue
-        for p in phases:
-            for backend, variant in PHASES[p]:
-                for build in (builds if p == "3b" else (None,)):
-                    if exp == "batch_sweep":
+    for p in phases:
+        for backend, variant in PHASES[p]:
+            for build in (builds if p == "3b" else (None,)):
+                for exp in experiments:
+                    if exp == "slot_eviction":
+                        if p in SLOT_EVICTION_PHASES:
+                            cells += [Cell(p, backend, variant, cfg, exp, n_parallel=n)
+                                      for n in parallel_slots for cfg in configs]
+                    elif exp == "batch_sweep":
                         cells += [Cell(p, backend, variant, cfg, exp, build, b) for b in batch_sizes for cfg in configs]
-                        continue
-                    cells += [Cell(p, backend, variant, cfg, exp, build) for cfg in configs]
+                    else:
+                        cells += [Cell(p, backend, variant, cfg, exp, build) for cfg in configs]
     ids = [c.cell_id for c in cells]
     if len(set(ids)) != len(ids):
         fail("the same config is given twice; list each --config once")
