@@ -151,6 +151,9 @@ def section(cells: list[dict], table, embed: list[str]) -> str:
         "`/v1/completions`, llama-cpp-python `create_completion`): what the chat template, tokenization and the "
         "chat endpoint cost on that engine.",
     ]
+    notes.append("The warm-up row pools the discarded first trial of each condition: in trial 0 the harness query "
+                 "goes first, so on a fresh engine its difference also holds the engine's first-request cost; "
+                 "the hit and miss rows are the measured trials.")
     if worst_hit is not None:
         notes.append(f"Largest median harness overhead on a cache hit: {worst_hit:+.3f} ms.")
     if off:

@@ -15,6 +15,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from kvmatrix.analysis import attribution, calibration, roofline, stats
+from kvmatrix.analysis import findings as generated_findings
 from kvmatrix.analysis.figures import FigureResult, computation_ms, make_figures
 from kvmatrix.analysis.stats import Summary, fmt_p
 from kvmatrix.analysis.summary import (
@@ -62,8 +63,10 @@ def write_report(dirs: list[Path], out: Path | None = None) -> Path:
 
 def render(ev: Evidence, figures: list[FigureResult], findings: str | None = None) -> str:
     """The whole report.md text; ``findings`` (markdown) goes right after the header."""
+    gpu = any((c.get("provenance") or {}).get("gpu") for c in ev.cells)
     parts = [
         _header(ev.cells),
+        generated_findings.section(ev.cells, h100=gpu),
         *([findings] if findings else []),
         _figure_list(figures),
         _invalidation_section(ev, figures),
