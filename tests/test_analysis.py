@@ -826,3 +826,21 @@ def test_harness_overhead_section(full_report):
         assert r["Chat − token-id path (ms)"].startswith("+0.60")
     assert "### TTFT breakdown (medians)" in sec and "fig7_ttft_breakdown.png" in sec
     assert "Largest median harness overhead on a cache hit: +0.1" in sec
+
+
+def test_generated_findings(full_report):
+    """The findings block is computed from the cells: the four-phase table, miss costs with a per-token slope,
+    server vs in-process beside the calibration numbers; no hand-written file needed."""
+    _, text = full_report
+    sec = section(text, "Findings (generated from these cells)")
+    table = sec.split("### The four phases: cache hit vs cache miss TTFT (ms)\n", 1)[1]
+    rows = table_rows(table)
+    assert rows and all(len(r) == 7 for r in rows)
+    assert all(r[2] == "not run" and r[3] == "not run" for r in rows)  # no vLLM cells in this run
+    assert all(" / " in r[4] and "[" in r[4] for r in rows)  # 3a hit / miss with CIs
+    miss = sec.split("### What a miss costs, per engine", 1)[1]
+    assert "µs per recomputed token" in miss and "miss − hit" in miss
+    sv = sec.split("### Server vs in-process, separated from harness overhead", 1)[1]
+    assert "Harness overhead (harness − reference client) on a hit: 0.1" in sv  # synthetic: ~0.1 ms
+    assert "costs 0.60" in sv  # synthetic token-id path: harness - 0.6 ms
+    assert text.index("## Findings") < text.index("## Figures")

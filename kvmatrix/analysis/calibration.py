@@ -179,6 +179,10 @@ def breakdown_figure(cells: list[dict]):
     ax = fig.subplots()
     colours = {"client_ms": "#4c72b0", "interface_ms": "#dd8452", "engine_ms": "#55a868"}
     width = 0.38
+    totals = [sum(max(0.0, r.parts.get(p) or 0.0) for p in PARTS) for r in rows]
+    typical = statistics.median(totals)
+    # a few huge bars (a host-RAM cache restore: ~1 s) would flatten the rest: clip them, label the value
+    top = 1.15 * max([t for t in totals if t <= 5 * typical] or totals)
     for i, key in enumerate(series):
         for j, cond in enumerate(("cache_hit", "cache_miss")):
             r = next((x for x in rows if (x.phase, x.series) == key and x.condition == cond), None)
@@ -188,14 +192,19 @@ def breakdown_figure(cells: list[dict]):
             bottom = 0.0
             for p in PARTS:
                 v = max(0.0, r.parts.get(p) or 0.0)
-                ax.bar(x, v, width * 0.95, bottom=bottom, color=colours[p], alpha=1.0 if cond == "cache_miss" else 0.6,
+                ax.bar(x, min(v, max(0.0, top - bottom)), width * 0.95, bottom=bottom, color=colours[p],
+                       alpha=1.0 if cond == "cache_miss" else 0.6,
                        label=PART_LABELS[p] if i == 0 and j == 0 else None, edgecolor="white", linewidth=0.5)
                 bottom += v
-            ax.text(x, bottom, "hit" if cond == "cache_hit" else "miss", ha="center", va="bottom", fontsize=7)
+            label = "hit" if cond == "cache_hit" else "miss"
+            if bottom > top:
+                label += f"\n{bottom:.0f} ms ↑"
+            ax.text(x, min(bottom, top), label, ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, top * 1.12)
     ax.set_xticks(range(len(series)), [f"{p} {s}" for p, s in series], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("median TTFT part (ms)")
-    ax.set_title("TTFT breakdown per backend: client / interface / engine (hit light, miss dark)", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", frameon=False)
+    fig.suptitle("TTFT breakdown per backend: client / interface / engine (hit light, miss dark)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=3, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig

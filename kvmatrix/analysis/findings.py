@@ -150,19 +150,24 @@ def server_vs_inprocess(rows: list[Row]) -> list[str]:
             if not s or not b:
                 continue
             hs, hb = _calib(s, "hit", "ttft_ms"), _calib(b, "hit", "ttft_ms")
-            text, diff = diff_text(hb, hs)
+            text, _ = diff_text(hb, hs)
+            head = (f"- **{model}, {engine}**: a hit through the server ({server}) takes {text} longer than in "
+                    f"process ({inproc}), pooled over {len(s)} configs (medians {summarize(hs).median:.1f} vs "
+                    f"{summarize(hb).median:.1f} ms).")
+            if _overhead(s) == "not measured" and _overhead(b) == "not measured":
+                out.append(head + " These cells carry no calibration control: the difference is NOT separated "
+                           "from harness overhead.")
+                continue
             inproc_tmpl = _template(b)
-            if inproc_tmpl == "not measured":
-                inproc_tmpl = "nothing in process (that path already takes token ids)"
-            else:
+            if inproc_tmpl != "not measured":
                 inproc_tmpl += " in process"
+            elif inproc == "2":
+                inproc_tmpl = "nothing in process (that path already takes token ids)"
             out.append(
-                f"- **{model}, {engine}**: a hit through the server ({server}) takes {text} longer than in process "
-                f"({inproc}), pooled over {len(s)} configs (medians {summarize(hs).median:.1f} vs "
-                f"{summarize(hb).median:.1f} ms). Harness overhead (harness − reference client) on a hit: "
-                f"{_overhead(s)} on the server path, {_overhead(b)} in process. The chat path minus the same "
-                f"prompt as token ids costs {_template(s)} on the server and {inproc_tmpl}: "
-                "the chat template, tokenization and chat endpoint, measured, not the harness.")
+                head + f" Harness overhead (harness − reference client) on a hit: {_overhead(s)} on the server "
+                f"path, {_overhead(b)} in process. The chat path minus the same prompt as token ids costs "
+                f"{_template(s)} on the server and {inproc_tmpl}: the chat template, tokenization and chat "
+                "endpoint, measured, not the harness.")
     return out
 
 
@@ -258,11 +263,15 @@ def h100_check(rows: list[Row], has_sweep: bool) -> list[str]:
     b = [r for r in base if r.phase == "3b"]
     if s and b:
         text, diff = diff_text(_calib(b, "hit", "ttft_ms"), _calib(s, "hit", "ttft_ms"))
-        out.append(f"- \"llama-server costs a fixed 2–5 ms per request over the bindings\": here the server's hit is "
-                   f"{text} slower (all models and configs pooled). The harness overhead on the server path is "
-                   f"{_overhead(s)} and the chat path minus the token-id path costs {_template(s)} on the server: the "
-                   "fixed cost is the server's chat endpoint (template + tokenization), not the harness. Status: "
-                   + ("holds, and is now attributed." if diff is not None and diff > 0 else "does not hold here."))
+        claim = (f"- \"llama-server costs a fixed 2–5 ms per request over the bindings\": here the server's hit is "
+                 f"{text} slower (all models and configs pooled).")
+        if _overhead(s) == "not measured":
+            out.append(claim + " Not separated from harness overhead: these cells carry no calibration control.")
+        else:
+            out.append(claim + f" The harness overhead on the server path is {_overhead(s)} and the chat path minus "
+                       f"the token-id path costs {_template(s)} on the server: the fixed cost is the server's chat "
+                       "endpoint (template + tokenization), not the harness. Status: "
+                       + ("holds, and is now attributed." if diff is not None and diff > 0 else "does not hold here."))
     ratios = []
     for model in sorted({_model(r) for r in rows}):
         for r in _pick(rows, model, "3a", lambda q: q.get("cache_ram_mib")):

@@ -63,7 +63,9 @@ def write_report(dirs: list[Path], out: Path | None = None) -> Path:
 
 def render(ev: Evidence, figures: list[FigureResult], findings: str | None = None) -> str:
     """The whole report.md text; ``findings`` (markdown) goes right after the header."""
-    gpu = any((c.get("provenance") or {}).get("gpu") for c in ev.cells)
+    gpus = {str(((c.get("provenance") or {}).get("gpu") or {}).get("name")) for c in ev.cells
+            if (c.get("provenance") or {}).get("gpu")}
+    gpu = bool(gpus) and not all("H100" in g for g in gpus)  # the H100 claims, checked on other GPUs' cells
     parts = [
         _header(ev.cells),
         generated_findings.section(ev.cells, h100=gpu),

