@@ -251,7 +251,8 @@ class VllmHttp(vc.VllmBackend):
             "engine_queue_ms": None if queue is None else queue * 1000,
             "endpoint": path,
             **counters,
-            "prompt_ids_source": "engine" if prompt_ids is not tokenized else "tokenize",
+            "prompt_ids_source": ("request" if request.prompt_ids is not None
+                                  else "engine" if prompt_ids is not tokenized else "tokenize"),
             "prompt_ids_match_tokenize": prompt_ids == tokenized,
             **iso,
         }
