@@ -100,7 +100,8 @@ def overhead_rows(cells: list[dict]) -> list[OverheadRow]:
     return rows
 
 
-def _ms(s: Summary | None, digits: int = 2, sign: bool = False) -> str:
+def ci_text(s: Summary | None, digits: int = 1, sign: bool = False) -> str:
+    """A median with its CI, e.g. ``12.34 [11.02, 13.90]`` (``sign``: ``+0.08 [-0.89, +0.60]``); — when empty."""
     if s is None or s.median is None:
         return "—"
     f = f"{{:{'+' if sign else ''}.{digits}f}}"
@@ -119,13 +120,13 @@ BREAKDOWN_HEADERS = ["Phase", "Series", "Condition", "Client (ms)", "First byte 
 
 
 def table_rows(rows: list[OverheadRow]) -> list[list[str]]:
-    return [[r.phase, r.series, r.condition, str(r.diff.n), _ms(r.harness), _ms(r.ref), _ms(r.diff, sign=True),
-             _ms(r.template, sign=True), f"{r.same_cached[0]}/{r.same_cached[1]}"] for r in rows]
+    return [[r.phase, r.series, r.condition, str(r.diff.n), ci_text(r.harness, 2), ci_text(r.ref, 2), ci_text(r.diff, 2, sign=True),
+             ci_text(r.template, 2, sign=True), f"{r.same_cached[0]}/{r.same_cached[1]}"] for r in rows]
 
 
 def breakdown_rows(rows: list[OverheadRow]) -> list[list[str]]:
     return [[r.phase, r.series, r.condition, _part(r.parts.get("client_ms")), _part(r.parts.get("first_byte_ms")),
-             _part(r.parts.get("engine_ms")), _part(r.parts.get("interface_ms")), _ms(r.harness)]
+             _part(r.parts.get("engine_ms")), _part(r.parts.get("interface_ms")), ci_text(r.harness, 2)]
             for r in rows if r.parts]
 
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmatrix.analysis.stats import Summary, compare, linear_fit, summarize
+from kvmatrix.analysis.calibration import ci_text
+from kvmatrix.analysis.stats import compare, linear_fit, summarize
 from kvmatrix.analysis.summary import Row, build_rows, build_sweep, config_key
 
 PHASE_NAMES = {"1": "vLLM server", "2": "vLLM in-process", "3a": "llama-server", "3b": "llama-cpp-python"}
@@ -38,13 +39,6 @@ def _req(row: Row) -> dict:
 def _baseline(row: Row) -> bool:
     r = _req(row)
     return not r.get("flash_attn") and not r.get("cache_ram_mib")
-
-
-def ci_text(s: Summary | None, digits: int = 1) -> str:
-    if s is None or s.median is None:
-        return "—"
-    ci = f" [{s.ci[0]:.{digits}f}, {s.ci[1]:.{digits}f}]" if s.ci else ""
-    return f"{s.median:.{digits}f}{ci}"
 
 
 def diff_text(a: list[float], b: list[float], digits: int = 2) -> tuple[str, float | None]:
