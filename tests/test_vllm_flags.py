@@ -8,6 +8,7 @@ installed vLLM in tests/test_vllm_engine.py.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -121,6 +122,70 @@ def test_063_refuses_what_it_cannot_express(hf_dir):
         render("0.6.3", SPEC, replace(CPU, block_size=128), hf_dir)
     with pytest.raises(EngineError, match="cannot keep the KV cache as f16"):
         render("0.6.3", replace(SPEC, cache_type_k="f16", cache_type_v="f16"), CPU, hf_dir)
+
+
+# ---------------------------------------------------------------- 0.6.3 against its real --help
+def help_063() -> str:
+    """vLLM 0.6.3's real ``api_server --help`` (tests/data/vllm-0.6.3-help.txt, provenance in its '#' header)."""
+    lines = (DATA / "vllm-0.6.3-help.txt").read_text().splitlines()
+    return "\n".join(line for line in lines if not line.startswith("#"))
+
+
+def help_choices(text: str, flag: str) -> list[str] | None:
+    """The ``{a,b,c}`` choices the help's option list shows for ``flag`` (None: it shows none)."""
+    m = re.search(rf"^  {re.escape(flag)} \{{([^}}]*)\}}", text, re.MULTILINE)
+    return m.group(1).split(",") if m else None
+
+
+def render_063_all(hf_dir: Path) -> dict[str, list[str]]:
+    """0.6.3 command lines of a CPU cell and a CUDA cell (plain and as the host renders it), prefix caching on/off."""
+    f16 = replace(SPEC, cache_type_k="f16", cache_type_v="f16", n_gpu_layers=-1)
+    out = {}
+    for name, spec, opts in (("cpu", SPEC, CPU), ("gpu", f16, GPU), ("gpu_fa", f16, GPU_FA)):
+        for on in (True, False):
+            out[f"{name}-prefix-{'on' if on else 'off'}"] = render("0.6.3", replace(spec, prefix_caching=on), opts,
+                                                                   hf_dir)
+    return out
+
+
+def test_063_help_file_is_the_real_help():
+    text = help_063()
+    assert text.startswith("usage: api_server.py [-h]")
+    known = vc.help_flags(text)
+    assert len(known) > 100 and {"--model", "--block-size", "--enable-prefix-caching", "--disable-log-requests"} <= known
+
+
+def test_063_rendered_flags_are_in_its_help(hf_dir):
+    known = vc.help_flags(help_063())
+    argvs = render_063_all(hf_dir)
+    assert "--enable-prefix-caching" in argvs["cpu-prefix-on"] and "--enable-prefix-caching" in argvs["gpu-prefix-on"]
+    assert "--gpu-memory-utilization" in argvs["gpu-prefix-off"] and "--enforce-eager" in argvs["cpu-prefix-off"]
+    for name, argv in argvs.items():
+        assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+        assert set(vc.flag_names(argv)) <= known, (name, set(vc.flag_names(argv)) - known)
+
+
+def test_063_help_lacks_what_the_row_does_not_render(hf_dir):
+    flags = vc.flags_for("0.6.3")
+    known = vc.help_flags(help_063())
+    # the row's declarations: no negative prefix-caching flag, no per-request cached-token count, no flag for the
+    # attention backend (VLLM_ATTENTION_BACKEND instead)
+    assert flags.prefix_off == () and flags.prompt_tokens_details is None and flags.attention_backend_flag is None
+    for absent in ("--no-enable-prefix-caching", "--enable-prompt-tokens-details", "--attention-backend"):
+        assert absent not in known, absent
+        for argv in render_063_all(hf_dir).values():
+            assert absent not in argv
+    assert set(flags.prefix_on) | set(flags.quiet_requests) <= known
+
+
+def test_063_choices_match_the_row(hf_dir):
+    text = help_063()
+    flags = vc.flags_for("0.6.3")
+    assert help_choices(text, "--block-size") == [str(b) for b in flags.block_sizes] == ["8", "16", "32"]
+    assert help_choices(text, "--kv-cache-dtype") == list(flags.kv_cache_dtypes)
+    for argv in render_063_all(hf_dir).values():
+        for flag in ("--block-size", "--kv-cache-dtype", "--dtype"):
+            assert value(argv, flag) in help_choices(text, flag), (flag, value(argv, flag))
 
 
 # ---------------------------------------------------------------- rendering: current versions

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backe
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from kvmatrix.analysis import calibration
+from kvmatrix.analysis import calibration, versions
 from kvmatrix.analysis.stats import Summary, fmt_p, linear_fit
 from kvmatrix.analysis.summary import (
     SERIES_ATTRS,
@@ -81,18 +81,19 @@ class Spec:
 
 
 def make_figures(ev: Evidence, folder: Path) -> list[FigureResult]:
-    """Draw all figures into ``folder``; one result per figure, drawn or skipped."""
+    """Draw all figures into ``folder``; one result per figure, drawn or skipped (a ``WHEN_APPLICABLE``
+    figure that does not apply to these cells has none)."""
     folder = Path(folder)
-    return [_draw(spec, ev, folder) for spec in SPECS]
+    return [r for spec in SPECS + WHEN_APPLICABLE if (r := _draw(spec, ev, folder)) is not None]
 
 
-def _draw(spec: Spec, ev: Evidence, folder: Path) -> FigureResult:
+def _draw(spec: Spec, ev: Evidence, folder: Path) -> FigureResult | None:
     fig_or_note = spec.draw(ev)
     stem = folder / spec.name
-    if isinstance(fig_or_note, str):
+    if fig_or_note is None or isinstance(fig_or_note, str):
         for fmt in FORMATS:  # no stale figure from an earlier report
             stem.with_suffix(f".{fmt}").unlink(missing_ok=True)
-        return FigureResult(spec.name, spec.title, spec.section, note=fig_or_note)
+        return None if fig_or_note is None else FigureResult(spec.name, spec.title, spec.section, note=fig_or_note)
     for fmt in FORMATS:
         save(fig_or_note, stem.with_suffix(f".{fmt}"))
     return FigureResult(spec.name, spec.title, spec.section, path=stem.with_suffix(".png"), caption=spec.caption)
@@ -947,6 +948,13 @@ SPECS: list[Spec] = [
          lambda ev: calibration.breakdown_figure(ev.cells),
          "Median parts of the streaming TTFT per backend, hit and miss: client time before the request left, "
          "the interface (HTTP, tokenization, chat template, scheduling) and the engine's own prompt time."),
+]
+
+#: figures that exist only for some runs: ``draw`` returns None (no entry, not "skipped") when they do not apply
+WHEN_APPLICABLE: list[Spec] = [
+    Spec("fig8_versions", "TTFT per engine release", "versions", lambda ev: versions.figure(ev.rows),
+         "Median streaming TTFT of the cache hit (dashed, open) and the cache miss (solid, filled) per release, "
+         "one panel per engine family, per interface (colour) and runtime (marker), with 95% bootstrap CIs."),
 ]
 
 

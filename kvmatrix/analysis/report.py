@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from kvmatrix.analysis import attribution, calibration, roofline, stats
+from kvmatrix.analysis import attribution, calibration, roofline, stats, versions
 from kvmatrix.analysis import findings as generated_findings
 from kvmatrix.analysis.figures import FigureResult, computation_ms, make_figures
 from kvmatrix.analysis.stats import Summary, fmt_p
@@ -73,6 +73,7 @@ def render(ev: Evidence, figures: list[FigureResult], findings: str | None = Non
         _figure_list(figures),
         _invalidation_section(ev, figures),
         calibration.section(ev.cells, _table, _embed(figures, "calibration")),
+        versions.section(ev.rows, _table, _embed(figures, "versions")),
         attribution.section(ev.cells),
         _scan_section(ev, figures),
         _sweep_section(ev, figures),

@@ -23,6 +23,9 @@ from kvmatrix.matrix import vllm as vllmenv
 from kvmatrix.matrix.console import UserError, fail, run_main, say
 from kvmatrix.runners.spec import DEFAULT_CONFIGS, ABConfig, CellSpec, ExperimentSpec, RuntimeSpec, SpecError
 
+#: --runtime values (matrix: a comma-separated axis of host and docker)
+RUNTIMES = ("auto", "docker", "host")
+
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llama-source", default=None, help=f"llama.cpp source: {llamacpp.DEFAULT_SOURCE} (default) or a directory")
@@ -91,9 +94,11 @@ def add_run_options(p: argparse.ArgumentParser, matrix: bool) -> None:
                        help="llama-cpp-python release for tag sources (default: the nearest vendored release)")
         p.add_argument("--shard", default=None, metavar="I/N",
                        help="run only slice I of N (deterministic; merge the folders with nox -s report -- DIR...)")
-    p.add_argument("--runtime", choices=["auto", "docker", "host"], default="auto" if matrix else "host",
-                   help="docker: pinned images, one container per cell; host: cached venvs and builds "
-                        f"(default {'auto: docker when an engine answers' if matrix else 'host'})")
+    p.add_argument("--runtime", default="auto" if matrix else "host",
+                   help="docker: pinned images, one container per engine group; host: cached venvs and builds"
+                        + ("; comma-separated in matrix (host,docker: both, an axis; cell ids then start with "
+                           "the runtime)" if matrix else "")
+                        + f" (default {'auto: docker when an engine answers' if matrix else 'host'})")
     # the docker runtime's settings (same for every container of the run)
     p.add_argument("--cpuset-cpus", default=None, help="docker: CPUs of every container (default: all)")
     p.add_argument("--memory", default=None, help="docker: memory limit of every container (default 90%% of RAM)")
@@ -246,42 +251,53 @@ def run(args) -> int:
     for spec_text in llama_specs:  # a tag needs a matching bindings release: refuse now, not after building
         if llamacpp.build_number(spec_text) is not None:
             llamacpp.bindings_for_tag(spec_text, bindings_version)
+            llamacpp.archive_url(spec_text)
 
-    # -- the cells: (family, version) x phase x build x experiment x config; then this host's shard
+    runtimes = cellmod.parse_list(args.runtime, RUNTIMES, "runtime")
+    if not runtimes:
+        fail(f"--runtime {args.runtime!r}: use one of {', '.join(RUNTIMES)}")
+    if len(runtimes) > 1 and not matrix:
+        fail("run takes one runtime; use `matrix` (nox -s matrix) for --runtime host,docker")
+    if len(runtimes) != len(set(runtimes)) or (len(runtimes) > 1 and "auto" in runtimes):
+        fail(f"--runtime {args.runtime!r}: list each runtime once, host and/or docker (auto picks one)")
+    if len(runtimes) > 1 and not containers.engine_available():
+        fail(f"--runtime {args.runtime} needs a Docker engine and none answers; start dockerd or use --runtime host")
+
+    # -- the cells: runtime x (family, version) x phase x build x experiment x config; then this host's shard
     if matrix and "3a" in phases and "server" not in builds:
         say("phase 3a (llama-server) left out: --llama-build has no 'server'")
-    cells: list[tuple[str, str, cellmod.Cell]] = []  # (family, source spec / version, cell)
-    for spec_text in llama_specs:
-        tag = f"llama_{cellmod.slug(spec_text)}" if matrix else None
-        for p in [p for p in phases if p in ("3a", "3b")]:
-            if p == "3a" and matrix and "server" not in builds:
-                continue
-            for c in cellmod.expand([p], configs, exp_names, bindings_builds or ("shared",), batch_sizes,
-                                    parallel_slots):
-                if p == "3b" and (c.variant not in apis or not bindings_builds):
+    cells: list[tuple[str, str, str, cellmod.Cell]] = []  # (runtime, family, source spec / version, cell)
+    for rt in runtimes:
+        prefix = f"{rt}-" if len(runtimes) > 1 else ""
+        for spec_text in llama_specs:
+            tag = f"{prefix}llama_{cellmod.slug(spec_text)}" if matrix else None
+            for p in [p for p in phases if p in ("3a", "3b")]:
+                if p == "3a" and matrix and "server" not in builds:
                     continue
-                cells.append(("llama", spec_text, replace(c, tag=tag)))
-    for version in vllm_versions:
-        for c in cellmod.expand([p for p in phases if p in ("1", "2")], configs, exp_names, (), batch_sizes):
-            cells.append(("vllm", version, replace(c, tag=f"vllm_{version}" if matrix else None)))
-    ids = [c.cell_id for _, _, c in cells]
+                for c in cellmod.expand([p], configs, exp_names, bindings_builds or ("shared",), batch_sizes,
+                                        parallel_slots):
+                    if p == "3b" and (c.variant not in apis or not bindings_builds):
+                        continue
+                    cells.append((rt, "llama", spec_text, replace(c, tag=tag)))
+        for version in vllm_versions:
+            for c in cellmod.expand([p for p in phases if p in ("1", "2")], configs, exp_names, (), batch_sizes):
+                cells.append((rt, "vllm", version, replace(c, tag=f"{prefix}vllm_{version}" if matrix else None)))
+    ids = [c.cell_id for *_, c in cells]
     if len(set(ids)) != len(ids):
         fail("the same source or version is given twice; list each once")
-    chosen = {c.cell_id for c in cellmod.shard([c for _, _, c in cells], which_shard)}
-    cells = [t for t in cells if t[2].cell_id in chosen]
+    chosen = {c.cell_id for c in cellmod.shard([c for *_, c in cells], which_shard)}
+    cells = [t for t in cells if t[3].cell_id in chosen]
     if not cells:
         fail("no cells to run: check --phases, --llama-build and --bindings-api (and --shard)")
-    if any(f == "vllm" for f, _, _ in cells) and args.model.endswith(".gguf"):
+    if any(f == "vllm" for _, f, _, _ in cells) and args.model.endswith(".gguf"):
         fail(f"phases 1 and 2 run vLLM, which needs an HF model directory (config.json, tokenizer, chat "
              f"template), not the GGUF file {args.model}; use a preset or an HF directory")
 
     run_name = args.run_name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
     out_dir = Path(args.out or Path("results") / run_name).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    provider, execute, docker_client = _provider(args, run_name)
 
     sources = {t: llamacpp.ensure_source(t, bindings_version) for t in
-               dict.fromkeys([t for f, t, _ in cells if f == "llama"] or llama_specs[:1])}
+               dict.fromkeys([t for _, f, t, _ in cells if f == "llama"] or llama_specs[:1])}
     converter = next(iter(sources.values()))  # the model's converter comes from the first llama.cpp source
     from kvmatrix.models.store import ensure_model  # noqa: PLC0415
 
@@ -292,9 +308,31 @@ def run(args) -> int:
     model_doc = {"name": model.name, "gguf": str(gguf), "quant": args.quant, "params": model.params,
                  "sha256": (model.manifest.get("sha256") or {}).get(Path(gguf).name),
                  "hf_dir": str(model.hf_dir) if model.hf_dir else None}
-    common_prov = {"runtime_kind": provider.kind, "host": _host_facts(), "runner_git": _runner_git(),
-                   "model_manifest": {k: model.manifest.get(k) for k in ("preset", "generator_version", "llama_cpp_commit")}}
+    base_prov = {"host": _host_facts(), "runner_git": _runner_git(),
+                 "model_manifest": {k: model.manifest.get(k) for k in ("preset", "generator_version", "llama_cpp_commit")}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    docs: list[dict] = []
+    starts = 0
+    for rt in dict.fromkeys(r for r, *_ in cells):  # one runtime after another, each with its own provider
+        rt_cells = [(f, k, c) for r, f, k, c in cells if r == rt]
+        ran = _run_runtime(args, rt, run_name, rt_cells, sources, runtime, experiments, model, model_doc,
+                           base_prov, out_dir, which_shard)
+        docs += ran.docs
+        starts += ran.engine_starts
+    failed = [d["cell_id"] for d in docs if d.get("status") != "ok"]
+    say(f"done: {len(docs) - len(failed)} ok, {len(failed)} failed, {starts} engine start{'s' if starts != 1 else ''}; "
+        f"results in {out_dir}")
+    if failed:
+        say("failed cells: " + ", ".join(failed) + " (rerun with --resume to retry only these)")
+        return 1
+    return 0
 
+
+def _run_runtime(args, kind: str, run_name: str, cells, sources, runtime: RuntimeSpec, experiments: dict, model,
+                 model_doc: dict, base_prov: dict, out_dir: Path, which_shard) -> host.CellRun:
+    """Provision the environments of ``cells`` in one runtime, derive each cell's spec, run them."""
+    provider, execute, docker_client = _provider(args, run_name, kind)
+    common_prov = {"runtime_kind": provider.kind, **base_prov}
     # -- environments, once per (family, source/version); then one spec per cell
     llama_sides = {}
     for t in dict.fromkeys(t for f, t, _ in cells if f == "llama"):
@@ -348,18 +386,12 @@ def run(args) -> int:
             n = containers.remove_run_containers(docker_client, run_name)
             if n:
                 say(f"removed {n} container(s) of run {run_name}")
-    docs = ran.docs
-    failed = [d["cell_id"] for d in docs if d.get("status") != "ok"]
-    say(f"done: {len(docs) - len(failed)} ok, {len(failed)} failed, {_starts(ran)}; results in {out_dir}")
-    if failed:
-        say("failed cells: " + ", ".join(failed) + " (rerun with --resume to retry only these)")
-        return 1
-    return 0
+    say(f"{provider.kind} runtime: {_starts(ran)}")
+    return ran
 
 
-def _provider(args, run_name: str):
-    """(provider, cell executor, docker client or None) of the runtime asked for."""
-    kind = getattr(args, "runtime", "host")
+def _provider(args, run_name: str, kind: str):
+    """(provider, cell executor, docker client or None) of runtime ``kind`` (auto: docker when one answers)."""
     if kind == "auto":
         kind = "docker" if containers.engine_available() else "host"
         say(f"runtime: {kind} ({'a Docker engine answers' if kind == 'docker' else 'no Docker engine answers'})")

@@ -27,14 +27,13 @@ from kvmatrix.matrix.console import fail, say
 
 DEFAULT_SOURCE = "vendored:0.3.36"
 
-# Commits of the llama.cpp vendored by llama-cpp-python releases (read from
-# the sdist's vendor/llama.cpp, which carries no .git).
-VENDORED_COMMITS = {"0.3.36": "0c1e570"}
 #: first llama.cpp build number whose server lives in tools/server (commit "move end-user examples to
 #: tools directory", #13249, 2025-05-02: rev-list count 5269); older trees need LLAMA_BUILD_EXAMPLES=ON
 SERVER_IN_TOOLS_SINCE = 5269
 #: where a tag's source archive comes from on a host that can reach GitHub
 TAG_ARCHIVE_URL = "https://github.com/ggml-org/llama.cpp/archive/refs/tags/{tag}.tar.gz"
+#: environment variable overriding it: a URL template with ``{tag}`` (a mirror, or ``file:///dir/{tag}.tar.gz``)
+ARCHIVE_URL_ENV = "KVMATRIX_LLAMA_ARCHIVE_URL"
 
 # Python packages the runner imports (kept in step with pyproject's [runner] extra).
 RUNNER_REQUIREMENTS = ["aiohttp>=3.9", "numpy>=1.24"]
@@ -94,7 +93,7 @@ def ensure_source(spec: str | None, bindings_version: str | None = None) -> Llam
     parent = path.parent.parent  # <sdist>/vendor/llama.cpp -> <sdist>
     if path.parent.name == "vendor" and (parent / "llama_cpp" / "llama_cpp.py").is_file():
         sdist, version = parent, _sdist_version(parent)
-        commit = commit if commit != "unknown" else VENDORED_COMMITS.get(version or "", "unknown")
+        commit = commit if commit != "unknown" else (vendored_commit(version) if version else "unknown")
     return LlamaSource(origin=str(path), path=path, commit=commit, bindings_sdist=sdist, bindings_version=version)
 
 
@@ -120,9 +119,20 @@ def _vendored_source(version: str) -> LlamaSource:
             tf.extractall(root, filter="data")
         archives[0].unlink()
         envs.mark_complete(root, {"version": version})
-    commit = VENDORED_COMMITS.get(version) or os.environ.get("KVMATRIX_LLAMA_COMMIT") or "unknown"
+    commit = vendored_commit(version) or os.environ.get("KVMATRIX_LLAMA_COMMIT") or "unknown"
     return LlamaSource(origin=f"vendored:{version}", path=tree / "vendor" / "llama.cpp", commit=commit,
                        bindings_sdist=tree, bindings_version=version)
+
+
+def vendored_commit(version: str) -> str | None:
+    """The llama.cpp commit (7 hex digits) a llama-cpp-python release vendors, from the bindings map
+    (the sdist's vendor/llama.cpp carries no .git); None for a release the map does not list."""
+    from kvmatrix.matrix import bindings_map  # noqa: PLC0415
+
+    try:
+        return bindings_map.for_version(version).llama_cpp_commit[:7]
+    except bindings_map.BindingsMapError:
+        return None
 
 
 def bindings_for_tag(tag: str, bindings_version: str | None = None) -> str:
@@ -151,7 +161,7 @@ def _tag_source(tag: str, bindings_version: str | None) -> LlamaSource:
     if not envs.is_complete(root):
         envs.reset_entry(root)
         root.mkdir(parents=True, exist_ok=True)
-        url = TAG_ARCHIVE_URL.format(tag=tag)
+        url = archive_url(tag)
         say(f"downloading llama.cpp {tag} from {url} (cached)")
         archive = root / f"{tag}.tar.gz"
         try:
@@ -159,19 +169,36 @@ def _tag_source(tag: str, bindings_version: str | None) -> LlamaSource:
 
             with urllib.request.urlopen(url, timeout=60) as resp, open(archive, "wb") as fh:
                 shutil.copyfileobj(resp, fh)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             shutil.rmtree(root, ignore_errors=True)
-            fail(f"cannot download llama.cpp {tag} ({exc}); on a host without GitHub access pass --llama DIR "
-                 f"(a checkout of {tag}) or {DEFAULT_SOURCE}")
-        with tarfile.open(archive) as tf:
-            commit = (tf.pax_headers.get("comment") or "unknown")[:7]  # GitHub archives carry the commit id
-            tf.extractall(root, filter="data")
+            fail(f"cannot download llama.cpp {tag} from {url} ({exc}); on a host without GitHub access set "
+                 f"{ARCHIVE_URL_ENV} to a mirror, or pass --llama DIR (a checkout of {tag}) or {DEFAULT_SOURCE}")
+        try:
+            with tarfile.open(archive) as tf:
+                commit = (tf.pax_headers.get("comment") or "unknown")[:7]  # GitHub archives carry the commit id
+                tf.extractall(root, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            shutil.rmtree(root, ignore_errors=True)
+            fail(f"llama.cpp {tag} from {url} is not a readable .tar.gz ({exc}); check {ARCHIVE_URL_ENV} or the mirror")
         archive.unlink()
-        envs.mark_complete(root, {"tag": tag, "commit": commit})
+        trees = [p for p in root.iterdir() if p.is_dir()]
+        if len(trees) != 1 or not (trees[0] / "CMakeLists.txt").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            fail(f"llama.cpp {tag} from {url} does not hold one llama.cpp tree (a top folder with CMakeLists.txt)")
+        envs.mark_complete(root, {"tag": tag, "commit": commit, "url": url})
     commit = json.loads(info.read_text()).get("commit", "unknown")
     tree = next(p for p in root.iterdir() if p.is_dir())
     return LlamaSource(origin=tag, path=tree, commit=commit, bindings_sdist=bindings.bindings_sdist,
                        bindings_version=version)
+
+
+def archive_url(tag: str) -> str:
+    """The source archive URL of llama.cpp ``tag``: ``$KVMATRIX_LLAMA_ARCHIVE_URL`` (a template with ``{tag}``)
+    or GitHub's tag archive. Any scheme urllib opens works, so a ``file://`` mirror serves offline hosts."""
+    template = os.environ.get(ARCHIVE_URL_ENV) or TAG_ARCHIVE_URL
+    if "{tag}" not in template:
+        fail(f"{ARCHIVE_URL_ENV}={template!r} has no {{tag}}; give a template such as file:///mirror/{{tag}}.tar.gz")
+    return template.format(tag=tag)
 
 
 def _sdist_version(sdist: Path) -> str | None:
@@ -304,6 +331,23 @@ def planned_build(source: LlamaSource, cuda: str = "auto") -> LlamaBuild:
                       cuda=has_cuda, compiler="(not built)", build_seconds=0.0, info={"planned_only": True})
 
 
+def gather_shared_libraries(build_dir: Path) -> list[str]:
+    """Older trees (e.g. b4094) leave libllama.so / libggml*.so next to their sources (src/, ggml/src/);
+    copy them into bin/ beside llama-server (its RPATH is $ORIGIN, and LLAMA_CPP_LIB_PATH names one
+    folder), links kept as links, files already there untouched. The Dockerfile does the same."""
+    bin_dir = build_dir / "bin"
+    copied = []
+    for lib in sorted(build_dir.rglob("lib*.so*")):
+        if bin_dir in lib.parents or (bin_dir / lib.name).exists() or (bin_dir / lib.name).is_symlink():
+            continue
+        if lib.is_symlink():
+            (bin_dir / lib.name).symlink_to(os.readlink(lib))
+        else:
+            shutil.copy2(lib, bin_dir / lib.name)
+        copied.append(lib.name)
+    return copied
+
+
 def ensure_build(source: LlamaSource, cuda: str = "auto", jobs: int | None = None) -> LlamaBuild:
     """Build llama-server + libllama once per (source content, flags); return the cached build."""
     if cuda == "on" and not shutil.which("nvcc"):
@@ -328,6 +372,7 @@ def ensure_build(source: LlamaSource, cuda: str = "auto", jobs: int | None = Non
     _stream(["cmake", "-S", str(source.path), "-B", str(build_dir), *flags, *launcher], log, "configure")
     _stream(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", "llama-server", "llama"], log, "build")
     seconds = time.monotonic() - t0
+    gather_shared_libraries(build_dir)
     if not (build_dir / "bin" / "llama-server").is_file() or not (build_dir / "bin" / "libllama.so").is_file():
         fail(f"llama.cpp build finished without bin/llama-server or bin/libllama.so; see {log}")
     info = {"compiler": _compiler(build_dir), "build_seconds": round(seconds, 1), "cmake_flags": flags,

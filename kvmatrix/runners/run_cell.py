@@ -145,6 +145,7 @@ class SharedEngine:
         pid = getattr(backend, "server_pid", None)
         rec["engine_pid"] = pid() if callable(pid) else os.getpid()  # in-process engines live in the runner
         rec["effective"] = backend.effective()
+        rec["release_gaps"] = dict(backend.release_gaps)
         rec["provenance"] = backend.provenance()
         nvml = Nvml.open()
         if nvml is not None:
@@ -185,6 +186,7 @@ def _apply_start(doc: dict, cell: CellSpec, engine: SharedEngine, group: list[st
         return
     effective = rec["effective"]
     doc["runtime"]["effective"] = effective
+    doc["runtime"]["release_gaps"] = rec.get("release_gaps") or {}
     requested = {k: v for k, v in cell.runtime.to_dict().items() if k in effective}
     doc["runtime"]["unverified"] = sorted(set(cell.runtime.to_dict()) - set(effective))
     mismatches = compare_settings(requested, effective)

@@ -135,6 +135,9 @@ class Backend(abc.ABC):
         self.log_path = log_dir / f"{cell.cell_id}.engine.log"
         self.rendered: dict = {}
         self.start_seconds: float | None = None
+        #: what THIS engine release lacks (a flag, a read-back, a counter) -> what kvmatrix does instead;
+        #: filled by render / effective, written to the cell as ``runtime.release_gaps`` (never guessed silently)
+        self.release_gaps: dict[str, str] = {}
 
     @abc.abstractmethod
     def render(self) -> dict:

@@ -22,15 +22,18 @@ def _last_int(pattern: str, log: str) -> int | None:
     return int(found[-1]) if found else None
 
 
+#: the function name llama.cpp prints before its context lines: ``llama_context:`` since the
+#: context refactor (2025), ``llama_new_context_with_model:`` in older builds (e.g. b4094)
+CONTEXT_FN = r"(?:llama_context|llama_new_context_with_model):"
+
+
 def parse_context_log(log: str) -> dict:
-    """Effective context settings from llama.cpp's start-up log (last context wins)."""
+    """Effective context settings from llama.cpp's start-up log (last context wins), either log format."""
     eff: dict = {
-        "n_ctx": _last_int(r"llama_context: n_ctx\s+=\s+(\d+)", log),
-        "n_batch": _last_int(r"llama_context: n_batch\s+=\s+(\d+)", log),
-        "n_ubatch": _last_int(r"llama_context: n_ubatch\s+=\s+(\d+)", log),
-        "n_seq_max": _last_int(r"llama_context: n_seq_max\s+=\s+(\d+)", log),
+        key: _last_int(CONTEXT_FN + r" " + key + r"\s+=\s+(\d+)", log)
+        for key in ("n_ctx", "n_batch", "n_ubatch", "n_seq_max")
     }
-    fa = re.findall(r"llama_context: flash_attn\s+=\s+(\w+)", log)
+    fa = re.findall(CONTEXT_FN + r" flash_attn\s+=\s+(\w+)", log)
     if fa:
         value = fa[-1].lower()
         eff["flash_attn"] = {"enabled": True, "disabled": False, "1": True, "0": False}.get(value, value)

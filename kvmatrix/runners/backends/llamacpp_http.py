@@ -72,14 +72,23 @@ class LlamaCppHttp(Backend):
             argv += ["--cache-ram", str(s.cache_ram_mib)]
         elif s.cache_ram_mib != 0:
             raise EngineError("this llama-server has no --cache-ram (no host-RAM prompt cache); request cache_ram_mib=0")
+        else:
+            self.release_gaps["cache_ram_mib"] = ("no --cache-ram in this llama-server (--help): it has no host-RAM "
+                                                  "prompt cache, so 0 is what it runs; not read back")
         if re.search(r"--fit\b", h):
             argv += ["--fit", "off"]  # never let the server resize unset arguments behind our back
         if "--no-webui" in h:
             argv.append("--no-webui")
         if "--jinja" in h:
             argv.append("--jinja")
+        else:
+            self.release_gaps["chat_template"] = ("no --jinja in this llama-server (--help): chats are formatted by "
+                                                  "its built-in template matcher, not by the GGUF's Jinja template")
         if re.search(r"-lv,\s*--verbosity", h):
             argv += ["-lv", "4"]  # prints the llama_context / KV cache lines read back by effective()
+        else:
+            self.release_gaps["start_log"] = ("no -lv in this llama-server (--help): the context lines are read at "
+                                              "its default verbosity")
         self.rendered = {"argv": argv}
         return self.rendered
 
