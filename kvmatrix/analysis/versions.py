@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from kvmatrix.analysis.calibration import ci_text
 from kvmatrix.analysis.stats import Summary
-from kvmatrix.analysis.summary import SERIES_ATTRS, Row, config_key, phase_key, verified_count
+from kvmatrix.analysis.summary import SERIES_ATTRS, Row, config_key, phase_key, trial_blocks, verified_count
 
 NA = "—"
 LOG_RATIO = 20  # fig8: log TTFT axis when the panel's largest / smallest median exceeds this
@@ -313,7 +313,9 @@ def gaps(entries: list[Entry]) -> list[Gaps]:
             out.append(Gaps(
                 rel, iface, sorted({e.runtime for e in mine}, key=_runtime_order),
                 sorted({str(u) for r in runtime for u in r.get("unverified") or []}),
-                sorted({str(s) for r in runtime if (s := (r.get("effective") or {}).get("cached_tokens_source"))}),
+                sorted({str(s) for r in runtime if (s := (r.get("effective") or {}).get("cached_tokens_source"))}
+                       | {str(s) for e in mine for _, trials in trial_blocks(e.cell) for t in trials
+                          if (s := t.get("cached_tokens_source"))}),
                 sorted({(str(k), str(v)) for r in runtime for k, v in (r.get("release_gaps") or {}).items()}),
             ))
     return out

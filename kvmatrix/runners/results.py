@@ -109,6 +109,9 @@ class Trial:
     tokenid_engine_prompt_ms: float | None = None
     tokenid_verified: bool | None = None
     breakdown: dict | None = None  # the timed query's TTFT split: client / first byte / engine / interface
+    #: where the engine's cached-token count came from when the adapter says (e.g. ``timings.cache_n``, or an
+    #: older llama-server's ``usage.prompt_tokens - metrics prompt_tokens_total``)
+    cached_tokens_source: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -46,6 +46,10 @@ class LlamaCppHttp(Backend):
         self.client: HttpClient | None = None
         self._help: str | None = None
         self._template_cache: dict[str, list[int]] = {}
+        #: POST /apply-template exists (newer servers); else the prompt is read back from /slots
+        self._apply_template = True
+        #: chat responses carry ``timings`` (None: not known before the first response)
+        self._chat_timings: bool | None = None
 
     # -- render ---------------------------------------------------------------
     def help_text(self) -> str:
@@ -128,15 +132,30 @@ class LlamaCppHttp(Backend):
         if m:
             eff["n_threads"], eff["n_threads_batch"] = int(m.group(1)), int(m.group(2))
         eff["cache_ram_mib"] = parse_cache_ram(log, self.spec.cache_ram_mib, "--cache-ram" in self.help_text())
-        params = (props.get("default_generation_settings") or {}).get("params") or {}
-        eff["seed"] = params.get("seed")
-        eff["temperature"] = params.get("temperature")
-        if "n_gpu_layers" not in eff and "no usable GPU found" in log:
+        defaults = props.get("default_generation_settings") or {}
+        params = defaults.get("params")
+        if params is not None:
+            eff["seed"] = params.get("seed")
+            eff["temperature"] = params.get("temperature")
+        else:  # older servers (e.g. b4094): flat defaults, whose seed is the slot default, not --seed
+            eff["temperature"] = defaults.get("temperature")
+            self.release_gaps["seed"] = (f"/props of this llama-server reports the slot default seed "
+                                         f"{defaults.get('seed')}, not --seed; every request sends "
+                                         f"seed={self.spec.seed}; not read back")
+        if "n_gpu_layers" not in eff and ("no usable GPU found" in log
+                                          or "not compiled with GPU offload support" in log):  # newer / older text
             eff["n_gpu_layers"] = 0  # the server ignores -ngl without a GPU backend
         # request-level: every request sends cache_prompt from the spec (see measure)
         eff["prefix_caching"] = self.spec.prefix_caching
-        eff["build_info"] = props.get("build_info")
-        eff["chat_template_source"] = "gguf" if props.get("chat_template") else "none"
+        m = re.search(r"^build: (\d+) \((\w+)\)", log, re.M)
+        eff["build_info"] = props.get("build_info") or (f"b{m.group(1)}-{m.group(2)}" if m else None)
+        eff["chat_template_source"] = ("gguf" if "--jinja" in self.help_text() else "built-in matcher") \
+            if props.get("chat_template") else "none"
+        self._apply_template = self._has_apply_template()
+        if not self._apply_template:
+            self.release_gaps["prompt_tokens"] = ("no /apply-template in this llama-server: the prompt it evaluated "
+                                                  "is read back from /slots (the slot's prompt) and tokenized by "
+                                                  "its /tokenize, after each request, outside the timed region")
         self._props = props
         return {k: v for k, v in eff.items() if v is not None}
 
@@ -171,10 +190,44 @@ class LlamaCppHttp(Backend):
     def prompt_tokens(self, messages: list[dict]) -> list[int]:
         key = repr(messages)
         if key not in self._template_cache:
+            if not self._apply_template:
+                raise EngineError("this llama-server has no /apply-template; the prompt of these messages is known "
+                                  "only after a request (read back from /slots)")
             prompt = self.client.post_json("/apply-template", {"messages": messages})["prompt"]
-            body = self.client.post_json("/tokenize", {"content": prompt, "add_special": True, "parse_special": True})
-            self._template_cache[key] = [t if isinstance(t, int) else t["id"] for t in body["tokens"]]
+            self._template_cache[key] = self._tokenize_prompt(prompt)
         return self._template_cache[key]
+
+    def _tokenize_prompt(self, prompt: str) -> list[int]:
+        """The ids the server evaluates for a formatted prompt (special tokens parsed, as for chat requests)."""
+        body = self.client.post_json("/tokenize", {"content": prompt, "add_special": True, "parse_special": True})
+        return [t if isinstance(t, int) else t["id"] for t in body["tokens"]]
+
+    def _has_apply_template(self) -> bool:
+        """Whether POST /apply-template exists (it renders only: no slot or cache is touched)."""
+        try:
+            self.client.post_json("/apply-template", {"messages": [{"role": "user", "content": "x"}]})
+        except HttpError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def _evaluated_prompt(self, slot: int, messages: list[dict]) -> list[int]:
+        """Old servers: the prompt the slot just evaluated, from /slots, tokenized (cached per messages)."""
+        key = repr(messages)
+        if key not in self._template_cache:
+            slots = self.client.get_json("/slots", timeout_s=10)
+            prompt = next((s.get("prompt") for s in slots if s.get("id") == slot), None)
+            if not isinstance(prompt, str):
+                raise EngineError(f"/slots has no prompt for slot {slot}; cannot read back the evaluated prompt",
+                                  self.log_tail())
+            self._template_cache[key] = self._tokenize_prompt(prompt)
+        return self._template_cache[key]
+
+    def _prompt_counter(self) -> float | None:
+        """``llamacpp:prompt_tokens_total`` (prompt tokens the server evaluated, all requests), from /metrics."""
+        m = re.search(r"^llamacpp:prompt_tokens_total\s+(\S+)", self.client.get_text("/metrics"), re.M)
+        return float(m.group(1)) if m else None
 
     # -- measure --------------------------------------------------------------
     def _payload(self, request: Request) -> tuple[str, dict]:
@@ -198,6 +251,10 @@ class LlamaCppHttp(Backend):
 
     def measure(self, request: Request) -> Measurement:
         path, payload = self._payload(request)
+        # chat responses without timings (older servers): the engine's prompt-token counter, read around
+        # the request outside the timed region, gives what it evaluated
+        counted = path != "/completion" and self._chat_timings is not True
+        before = self._prompt_counter() if counted else None
         try:
             r = self.client.exchange(path, payload, request.client)
         except HttpError as exc:
@@ -220,8 +277,24 @@ class LlamaCppHttp(Backend):
         cache_n = timings.get("cache_n")
         prompt_n = timings.get("prompt_n")
         prompt_tokens = usage.get("prompt_tokens")
+        source = "timings.cache_n"
+        if cache_n is None and prompt_n is not None and fields.get("tokens_evaluated") is not None:
+            # older native /completion: no cache_n, but the prompt length and the evaluated part
+            prompt_tokens = int(fields["tokens_evaluated"])
+            cache_n, source = prompt_tokens - int(prompt_n), "tokens_evaluated - timings.prompt_n"
+        if path != "/completion":
+            self._chat_timings = bool(timings) if self._chat_timings is None else self._chat_timings
+        if not timings and before is not None and prompt_tokens is not None:
+            after = self._prompt_counter()
+            if after is not None:
+                prompt_n = int(round(after - before))
+                cache_n, source = int(prompt_tokens) - prompt_n, "usage.prompt_tokens - metrics prompt_tokens_total"
         if prompt_tokens is None and prompt_n is not None:
             prompt_tokens = prompt_n + (cache_n or 0)
+        served = self.served_slot(payload["id_slot"])
+        evaluated = None
+        if request.prompt_ids is None and not self._apply_template:
+            evaluated = self._evaluated_prompt(served, request.messages)
         return Measurement(
             ttft_s=r.ttft_s if request.stream else None,
             total_s=r.total_s,
@@ -234,8 +307,9 @@ class LlamaCppHttp(Backend):
             connect_s=r.connect_s,
             send_s=r.send_s,
             first_byte_s=r.first_byte_s,
-            id_slot=self.served_slot(payload["id_slot"]),
-            extra={"prompt_n": prompt_n, "endpoint": path},
+            id_slot=served,
+            prompt_token_ids=evaluated,
+            extra={"prompt_n": prompt_n, "endpoint": path, "cached_tokens_source": source},
         )
 
     def served_slot(self, requested: int) -> int:

@@ -84,8 +84,7 @@ class LlamaCppPython(Backend):
             raise EngineError("llama-cpp-python serves one sequence; request n_parallel=1")
         self.start_seconds = time.monotonic() - t0
         self._wrap_eval()
-        vocab = self.llm._model.vocab
-        self._eog = [t for t in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+        self._eog = end_of_generation_tokens(llama_cpp, self.llm)
         sys.stderr.flush()
 
     def stop(self) -> None:
@@ -131,6 +130,14 @@ class LlamaCppPython(Backend):
             "n_threads_batch": lib.llama_n_threads_batch(ctx),
             "gpu_offload_supported": bool(lib.llama_supports_gpu_offload()),
         })
+        logged = eff.get("n_seq_max")
+        if logged is not None and eff["n_parallel"] != logged:
+            # llama.cpp b4094's llama_n_seq_max() returns the KV cache size (src/llama.cpp: kv_self.size);
+            # the context's own start-up line is the value it runs with
+            self.release_gaps["n_parallel"] = (
+                f"llama_n_seq_max() of this libllama returns {eff['n_parallel']} (the KV cache size), not the "
+                f"context's n_seq_max; read from the context log line instead (n_seq_max = {logged})")
+            eff["n_parallel"] = logged
         if "n_gpu_layers" not in eff:
             eff["n_gpu_layers"] = 0 if not eff["gpu_offload_supported"] else None
         eff["chat_template_source"] = "gguf" if self._chat_template() else "none"
@@ -271,6 +278,16 @@ def _bare_call(call, arg, kwargs) -> tuple[float | None, float, str, dict]:
         chunks.append(chunk)
     total = time.perf_counter() - t0
     return ttft, total, "".join(_chunk_text(c)[0] for c in chunks), {}
+
+
+def end_of_generation_tokens(lib, llm) -> list[int]:
+    """Every end-of-generation token id: ``llama_vocab_is_eog(vocab, t)`` in bindings on the vocab API
+    (llama.cpp after early 2025), ``llama_token_is_eog(model, t)`` before (e.g. 0.3.2 on b4094)."""
+    if hasattr(lib, "llama_vocab_is_eog"):
+        vocab = llm._model.vocab
+        return [t for t in range(llm.n_vocab()) if lib.llama_vocab_is_eog(vocab, t)]
+    model = llm._model.model
+    return [t for t in range(llm.n_vocab()) if lib.llama_token_is_eog(model, t)]
 
 
 def _ggml_type(lib, name: str) -> int:

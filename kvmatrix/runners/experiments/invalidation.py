@@ -70,12 +70,17 @@ class Tracker:
     def run(self, request: Request) -> tuple[Measurement, int, bool]:
         """Measure one request: (measurement, expected cached tokens, verified). A refused request
         (``ContextExceeded``) propagates and leaves what the slots hold unchanged."""
-        prompt = request.prompt_ids if request.prompt_ids is not None else self.backend.prompt_tokens(request.messages)
         m = self.backend.measure(request)
         if self.nvml is not None:
             m.extra["device"] = self.nvml.sample()
+        # what the engine evaluated: its own read-back where the adapter has one, else the ids sent or
+        # the adapter's rendering of the messages (untimed either way)
         if m.prompt_token_ids is not None:
             prompt = m.prompt_token_ids
+        elif request.prompt_ids is not None:
+            prompt = list(request.prompt_ids)
+        else:
+            prompt = self.backend.prompt_tokens(request.messages)
         slot = m.id_slot or 0
         g = self.backend.cache_granularity
         expected = expected_cached(self.held.get(slot), prompt, g)
@@ -163,6 +168,7 @@ def measure_trial(tracker: Tracker, warm_msgs: list[dict], msgs: list[dict], spe
         cache_verified=ok_q and ok_ns,
         device=q.extra.get("device"),
         device_settle=settled,
+        cached_tokens_source=q.extra.get("cached_tokens_source"),
         warmup_prompt_tokens=w.prompt_tokens,
         warmup_cached_tokens=w.cached_tokens,
         id_slot=q.id_slot,
