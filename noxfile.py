@@ -59,8 +59,9 @@ def phase3b(session):
 def matrix(session):
     """The matrix (engine versions x llama.cpp builds x phases x configs) in Docker, or on the host.
 
-    -- --vllm 0.6.3,0.33.0 --llama b4000,vendored:0.3.36 --llama-build server,shared
-    --phases 1,2,3a,3b --runtime auto|docker|host --shard I/N --resume --out DIR.
+    -- --vllm 0.32.0,0.27.0 --llama b4000,vendored:0.3.36 --llama-build server,shared
+    --phases 1,2,3a,3b --runtime auto|docker|host|host,docker --shard I/N --resume --out DIR.
+    Tags download from GitHub or $KVMATRIX_LLAMA_ARCHIVE_URL (a {tag} template, file:// works).
 
     Default axes: what builds on this machine (vLLM CPU or GPU at the default release, llama.cpp from
     llama-cpp-python 0.3.36's vendored source, server + shared-library bindings, all four phases).

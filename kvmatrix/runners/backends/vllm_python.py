@@ -51,6 +51,7 @@ class VllmPython(vc.VllmBackend):
     name = "vllm_python"
     phase = "2"
     reference_client = "bare LLM.generate on the same token ids, arguments built before the clock"
+    engine_args = vc.LLM_ARGS
 
     def __init__(self, cell, log_dir: Path):
         super().__init__(cell, log_dir)
@@ -71,9 +72,9 @@ class VllmPython(vc.VllmBackend):
         env = vc.engine_env(self.flags, self.spec, self.opts, self.run_dir)
         env.pop(self.flags.dev_mode_env or "", None)  # server-only
         env["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # explicit (the CPU platform forces it anyway)
-        self.rendered = {"kwargs": vc.llm_kwargs(self.flags, self.settings, str(self.model_dir)), "env": env,
-                         "vllm_version": self.version, "flag_table_row": self.flags.label,
-                         "options": self.opts.to_dict()}
+        kwargs = {**vc.llm_kwargs(self.flags, self.settings, str(self.model_dir)), **self.engine_rest}
+        self.rendered = {"kwargs": kwargs, "env": env, "vllm_version": self.version, "flag_table_row": self.flags.label,
+                         "options": self.opts.to_dict(), **self.engine_args_record(self.option_overrides)}
         return self.rendered
 
     # -- start / stop ---------------------------------------------------------
