@@ -347,6 +347,16 @@ def test_llama_server_argv_ends_with_the_extra_args(tmp_path):
     assert {"--mlock", "--threads-http", "--override-kv"} <= help_flags(backend._help)
 
 
+def test_llama_server_refuses_a_flag_its_help_does_not_offer(tmp_path):
+    """0c1e570 replaced --mlock with --load-mode; b4094 has --mlock and no --load-mode: the binary's own --help
+    decides, before the server starts."""
+    backend = lh.LlamaCppHttp(cell(tmp_path, "llamacpp_http", ["--load-mode mlock"],
+                                   engine={"server": str(tmp_path / "s")}), tmp_path)
+    backend._help = help_text("llama-server-b4094-help.txt")
+    with pytest.raises(EngineError, match=r"--engine-arg --load-mode: this llama-server has no such flag"):
+        backend.render()
+
+
 def test_llama_server_refuses_a_hand_made_cell(tmp_path):
     backend = lh.LlamaCppHttp(cell(tmp_path, "llamacpp_http", ["-c 4096"], engine={"server": str(tmp_path / "s")}),
                               tmp_path)

