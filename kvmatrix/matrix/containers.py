@@ -25,7 +25,6 @@ cells; a later run removes containers left by a run whose process is gone.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -190,15 +189,43 @@ def facts(c) -> DockerFacts:
                        runtimes=sorted((info.get("Runtimes") or {}).keys()))
 
 
-def engine_available() -> bool:
-    """Whether a Docker engine answers (for --runtime auto); never raises."""
+def engine_down() -> str | None:
+    """None when a Docker engine answers, else why not, as a whole clause ("none answers at ...")."""
     try:
         import docker  # noqa: PLC0415
+    except ImportError:
+        return "the Docker SDK for Python is missing (pip install 'docker>=7'; nox -s matrix installs it)"
+    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    try:
+        docker.from_env(timeout=10).ping()
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means the same thing to the user
+        return f"none answers at {where} ({root_cause(exc)})"
+    return None
 
-        docker.from_env(timeout=5).ping()
-        return True
-    except Exception:  # noqa: BLE001
-        return False
+
+def root_cause(exc: BaseException) -> str:
+    """A short, whole reason for a failed connection: the innermost OS error in the chain when there is one."""
+    seen, todo, found = set(), [exc], None
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and (e.errno or e.strerror):
+            found = e
+        todo += [x for x in (e.__cause__, e.__context__, *e.args) if isinstance(x, BaseException)]
+    if isinstance(found, FileNotFoundError):
+        return "no such socket"
+    if isinstance(found, PermissionError):
+        return "permission denied on the socket: join the docker group or use a rootless engine"
+    if found is not None:
+        return found.strerror.lower() if found.strerror else type(found).__name__
+    return type(exc).__name__
+
+
+def engine_available() -> bool:
+    """Whether a Docker engine answers (for --runtime auto); never raises."""
+    return engine_down() is None
 
 
 # -- cleanup ---------------------------------------------------------------------

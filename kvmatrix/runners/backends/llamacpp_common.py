@@ -13,6 +13,11 @@ import re
 ALL_LAYERS = 999  # llama.cpp clamps -ngl to the model's layer count
 
 
+def help_flags(help_text: str) -> set[str]:
+    """Every flag (``-x`` and ``--long``) a llama.cpp ``--help`` lists."""
+    return set(re.findall(r"(?<![\w-])(--?[a-zA-Z][a-zA-Z0-9-]*)", help_text))
+
+
 def gpu_layers_arg(n_gpu_layers: int) -> int:
     return ALL_LAYERS if n_gpu_layers < 0 else n_gpu_layers
 

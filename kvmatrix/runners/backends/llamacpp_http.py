@@ -81,6 +81,9 @@ class LlamaCppHttp(Backend):
         self._apply_template = True
         #: chat responses carry ``timings`` (None: not known before the first response)
         self._chat_timings: bool | None = None
+        #: ``llamacpp:prompt_tokens_total`` after the last request (servers without chat timings), so the next
+        #: request needs no /metrics read between its settle pause and its send
+        self._counter: float | None = None
 
     # -- render ---------------------------------------------------------------
     def help_text(self) -> str:
@@ -125,8 +128,8 @@ class LlamaCppHttp(Backend):
             self.release_gaps["start_log"] = ("no -lv in this llama-server (--help): the context lines are read at "
                                               "its default verbosity")
         extra = self.split_engine_args()[1]
-        offered = set(re.findall(r"(?<![\w-])(--?[a-zA-Z][a-zA-Z0-9-]*)", h))
-        unknown = [a for a in extra if re.fullmatch(r"--?[a-zA-Z][a-zA-Z0-9-]*", a) and a not in offered]
+        flags = [a for a in extra if re.fullmatch(r"--?[a-zA-Z][a-zA-Z0-9-]*", a)]
+        unknown = [a for a in flags if a not in common.help_flags(h)] if flags else []
         if unknown:
             raise EngineError(f"--engine-arg {unknown[0]}: this llama-server has no such flag (see its --help)")
         argv += extra  # last: after everything kvmatrix renders
@@ -288,10 +291,12 @@ class LlamaCppHttp(Backend):
 
     def measure(self, request: Request) -> Measurement:
         path, payload = self._payload(request)
-        # chat responses without timings (older servers): the engine's prompt-token counter, read around
-        # the request outside the timed region, gives what it evaluated
-        counted = path != "/completion" and self._chat_timings is not True
-        before = self._prompt_counter() if counted else None
+        # chat responses without timings (older servers): the engine's prompt-token counter gives what it
+        # evaluated; it is read AFTER each request (outside the timed region), and the value kept for the next
+        # one, so nothing reaches the server between a settle pause and the timed request (except once, first)
+        counted = self._chat_timings is not True
+        before = (self._counter if self._counter is not None else self._prompt_counter()) if counted else None
+        self._counter = None  # until this request's own reading below
         try:
             r = self.client.exchange(path, payload, request.client)
         except HttpError as exc:
@@ -321,10 +326,10 @@ class LlamaCppHttp(Backend):
             cache_n, source = prompt_tokens - int(prompt_n), "tokens_evaluated - timings.prompt_n"
         if path != "/completion":
             self._chat_timings = bool(timings) if self._chat_timings is None else self._chat_timings
-        if not timings and before is not None and prompt_tokens is not None:
-            after = self._prompt_counter()
-            if after is not None:
-                prompt_n = int(round(after - before))
+        if counted and self._chat_timings is not True:
+            self._counter = self._prompt_counter()
+            if not timings and before is not None and self._counter is not None and prompt_tokens is not None:
+                prompt_n = int(round(self._counter - before))
                 cache_n, source = int(prompt_tokens) - prompt_n, "usage.prompt_tokens - metrics prompt_tokens_total"
         if prompt_tokens is None and prompt_n is not None:
             prompt_tokens = prompt_n + (cache_n or 0)
