@@ -207,3 +207,19 @@ def test_single_release_has_no_section_and_no_figure(tmp_path):
     stale.write_bytes(PNG_MAGIC)
     assert [_draw(spec, ev, tmp_path / "figures") for spec in WHEN_APPLICABLE] == [None]  # no entry, not "skipped"
     assert not stale.exists()  # no stale figure from an earlier report
+
+
+def test_findings_keep_releases_and_runtimes_apart():
+    """The generated findings of a matrix of releases: one four-phase row per release and runtime, and
+    server vs in-process paired within one release and runtime (never pooled across them)."""
+    from kvmatrix.analysis import findings
+
+    text = findings.section(version_docs())
+    table = [line for line in text.splitlines() if line.startswith("| tiny | 512/256 |")]
+    assert len(table) == 6  # 2 llama.cpp releases x 2 runtimes + 2 vLLM releases (host)
+    old_docker = next(line for line in table if "`docker-llama_vendored-0.3.2`" in line)
+    assert "13.0" in old_docker and "105.0" in old_docker  # llama-server 0.3.2 in Docker: hit 13, miss 105
+    assert "not run" not in "".join(table)
+    pairs = [line for line in text.splitlines() if "a hit through the server" in line]
+    assert len(pairs) == 4 and all("pooled over 1 config " in line for line in pairs)
+    assert any("llama.cpp `host-vendored-0.3.36`" in line for line in pairs)

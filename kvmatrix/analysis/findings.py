@@ -18,6 +18,7 @@ the calibration trials, the settings of each cell); a finding whose cells are mi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from kvmatrix.analysis.calibration import ci_text
@@ -50,22 +51,34 @@ def diff_text(a: list[float], b: list[float], digits: int = 2) -> tuple[str, flo
     return f"{c.diff:+.{digits}f}{ci} ms", c.diff
 
 
+def _tag(row: Row) -> str:
+    """The engine release / runtime a matrix row ran on (the label after ``@``, e.g. ``docker-vllm_0.27.0``);
+    "" for cells of one release. Rows of different tags are never pooled or paired across tags."""
+    return row.series.split(" @", 1)[1] if " @" in row.series else ""
+
+
+def _pair_tag(row: Row) -> str:
+    """The tag without its engine family, so a server and an in-process row of one release pair up."""
+    return re.sub(r"(^|-)(llama|vllm)_", r"\1", _tag(row))
+
+
 @dataclass
 class Phases:
     model: str
     config: tuple
     rows: dict[str, Row]
+    tag: str = ""
 
 
 def four_phase(rows: list[Row]) -> list[Phases]:
-    """Baseline rows by (model, config) -> phase -> row (the first row of a phase when several)."""
+    """Baseline rows by (model, config, tag) -> phase -> row (the first row of a phase when several)."""
     table: dict[tuple, dict[str, Row]] = {}
     for r in rows:
         if _baseline(r) and r.phase in PHASE_NAMES:  # rows are sorted by series: the plain label comes first
-            key = (_model(r), (r.a, r.b))
+            key = (_model(r), (r.a, r.b), _tag(r))
             table.setdefault(key, {}).setdefault(r.phase, r)
-    out = [Phases(m, cfg, ph) for (m, cfg), ph in table.items()]
-    out.sort(key=lambda p: (p.model, [-k for k in config_key(*p.config)]))
+    out = [Phases(m, cfg, ph, tag) for (m, cfg, tag), ph in table.items()]
+    out.sort(key=lambda p: (p.model, [-k for k in config_key(*p.config)], p.tag))
     return out
 
 
@@ -75,14 +88,16 @@ def _verified(row: Row) -> str:
 
 
 def four_phase_table(table) -> list[str]:
-    lines = ["| Model | A/B | " + " | ".join(f"{p} {PHASE_NAMES[p]} hit / miss (ms)" for p in PHASE_NAMES)
-             + " | Verified (all phases) |", "|" + "---|" * (3 + len(PHASE_NAMES))]
+    tagged = any(t.tag for t in table)  # a matrix of releases / runtimes: one row per engine release and runtime
+    lines = ["| Model | A/B | " + ("Release (runtime) | " if tagged else "")
+             + " | ".join(f"{p} {PHASE_NAMES[p]} hit / miss (ms)" for p in PHASE_NAMES)
+             + " | Verified (all phases) |", "|" + "---|" * (3 + tagged + len(PHASE_NAMES))]
     for t in table:
-        cells, ver, total = [], 0, 0
+        cells, ver, total = [f"`{t.tag}`"] if tagged else [], 0, 0
         for p in PHASE_NAMES:
             r = t.rows.get(p)
             if r is None:
-                cells.append("not run")
+                cells.append("—" if t.tag else "not run")  # a tagged row holds one engine family's phases
                 continue
             cells.append(f"{ci_text(r.summary('hit'))} / {ci_text(r.summary('miss'))}")
             ver += r.hit.get("verified_trials", 0) + r.miss.get("verified_trials", 0)
@@ -137,17 +152,18 @@ def _template(rows: list[Row], cond: str = "hit") -> str:
 def server_vs_inprocess(rows: list[Row]) -> list[str]:
     out = []
     base = [r for r in rows if _baseline(r)]
-    for model in sorted({_model(r) for r in base}):
+    for model, tag in sorted({(_model(r), _pair_tag(r)) for r in base}):
         for server, inproc, engine in PAIRS:
-            s = [r for r in base if _model(r) == model and r.phase == server]
-            b = [r for r in base if _model(r) == model and r.phase == inproc]
+            s = [r for r in base if _model(r) == model and _pair_tag(r) == tag and r.phase == server]
+            b = [r for r in base if _model(r) == model and _pair_tag(r) == tag and r.phase == inproc]
             if not s or not b:
                 continue
             hs, hb = _calib(s, "hit", "ttft_ms"), _calib(b, "hit", "ttft_ms")
             text, _ = diff_text(hb, hs)
-            head = (f"- **{model}, {engine}**: a hit through the server ({server}) takes {text} longer than in "
-                    f"process ({inproc}), pooled over {len(s)} configs (medians {summarize(hs).median:.1f} vs "
-                    f"{summarize(hb).median:.1f} ms).")
+            where = f" `{tag}`" if tag else ""
+            head = (f"- **{model}, {engine}{where}**: a hit through the server ({server}) takes {text} longer than in "
+                    f"process ({inproc}), pooled over {len(s)} config{'s' if len(s) != 1 else ''} "
+                    f"(medians {summarize(hs).median:.1f} vs {summarize(hb).median:.1f} ms).")
             if _overhead(s) == "not measured" and _overhead(b) == "not measured":
                 out.append(head + " These cells carry no calibration control: the difference is NOT separated "
                            "from harness overhead.")
