@@ -207,8 +207,8 @@ def host(args) -> int:
 def bench_extras(python: Path) -> Path | None:
     """A cached folder with BENCH_EXTRAS for vllm bench's PYTHONPATH only (the vLLM venv stays as kvmatrix made
     it); None when the venv imports pandas already."""
-    from kvmatrix.matrix import envs  # noqa: PLC0415
-    from kvmatrix.matrix.console import fail  # noqa: PLC0415
+    from kvmatrix.plumbing import envs  # noqa: PLC0415
+    from kvmatrix.plumbing.console import fail  # noqa: PLC0415
 
     if subprocess.run([str(python), "-c", "import pandas"], capture_output=True).returncode == 0:
         return None
@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cell:
             return inside(args)
-        from kvmatrix.matrix.console import UserError  # noqa: PLC0415
+        from kvmatrix.plumbing.console import UserError  # noqa: PLC0415
 
         try:
             return host(args)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmatrix.matrix import cli, envs, host, llamacpp
-from kvmatrix.matrix.console import UserError
+from kvmatrix.matrix import cli, host, llamacpp
+from kvmatrix.plumbing import envs
+from kvmatrix.plumbing.console import UserError
 
 
 def _tree(root: Path) -> Path:

@@ -12,7 +12,7 @@ import pytest
 
 from kvmatrix.matrix import cells as cellmod
 from kvmatrix.matrix import containers, images, llamacpp, provision
-from kvmatrix.matrix.console import UserError
+from kvmatrix.plumbing.console import UserError
 from kvmatrix.runners.spec import ABConfig
 
 GPU = containers.ContainerSettings(cpuset_cpus="0-15", memory="100g", shm_size="8g", user="1000:1000", gpus=True)

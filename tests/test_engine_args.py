@@ -15,7 +15,7 @@ import pytest
 
 from kvmatrix.matrix import vllm as vllmenv
 from kvmatrix.matrix.cli import main, parser
-from kvmatrix.matrix.console import UserError
+from kvmatrix.plumbing.console import UserError
 from kvmatrix.runners import engine_args as ea
 from kvmatrix.runners.backends import get_backend
 from kvmatrix.runners.backends import llamacpp_common as common
@@ -433,7 +433,7 @@ def test_llama_cpp_spellings_parse_to_the_same_values():
 
 
 def test_extra_args_travel_only_with_their_backends():
-    from kvmatrix.matrix.cli import _extra_args
+    from kvmatrix.matrix.llama_host import extra_args as _extra_args
 
     got = collect("llamacpp_python=--use-mlock")
     assert _extra_args(got, "llamacpp_python") == {"extra_args": ["--use-mlock"]}

@@ -151,7 +151,7 @@ def _fake_experiment(backend, spec, progress=None):
 @pytest.fixture
 def fake(monkeypatch):
     base.register("fake", lambda: FakeEngine)
-    monkeypatch.setitem(run_cell.EXPERIMENTS, "invalidation", _fake_experiment)
+    monkeypatch.setattr(run_cell.experiment_protocols, "runner", lambda name: _fake_experiment)
     FakeEngine.events, FakeEngine.fail_in, FakeEngine.restart_in, FakeEngine.interrupt_in = [], set(), set(), set()
     yield FakeEngine
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import subprocess
 
-from kvmatrix.matrix import envs, llamacpp
+from kvmatrix.matrix import llamacpp
+from kvmatrix.plumbing import envs
 
 
 def test_offline_venv_inherits_the_running_interpreters_packages(tmp_path, monkeypatch):

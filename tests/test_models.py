@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmatrix.matrix.console import UserError
+from kvmatrix.plumbing.console import UserError
 from kvmatrix.models import store
 from kvmatrix.models.gguf_meta import gguf_summary, read_gguf
 from kvmatrix.models.presets import CHAT_TEMPLATE, PRESETS, SPECIAL_TOKENS, get_preset, param_count

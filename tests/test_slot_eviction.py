@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from kvmatrix.matrix import cells as cellmod
-from kvmatrix.matrix.console import UserError
+from kvmatrix.plumbing.console import UserError
 from kvmatrix.runners.spec import ABConfig, CellSpec, ExperimentSpec, RuntimeSpec, SpecError
 from tests.conftest import REPO
 

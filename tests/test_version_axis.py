@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmatrix.matrix import bindings_map, envs, llamacpp
+from kvmatrix.matrix import bindings_map, llamacpp
+from kvmatrix.plumbing import envs
 from kvmatrix.runners.backends import llamacpp_common as common
 from kvmatrix.runners.backends.base import EngineError
 from kvmatrix.runners.backends.llamacpp_http import LlamaCppHttp

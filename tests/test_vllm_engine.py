@@ -36,7 +36,7 @@ BLOCK = 128
 @pytest.fixture(scope="session")
 def vllm_env():
     from kvmatrix.matrix import vllm as vllmenv
-    from kvmatrix.matrix.console import UserError
+    from kvmatrix.plumbing.console import UserError
 
     try:
         return vllmenv.ensure_env(vllmenv.DEFAULT_VERSION, "cpu")

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from kvmatrix.matrix import cells as cellmod
-from kvmatrix.matrix import envs
+from kvmatrix.plumbing import envs
 from kvmatrix.matrix import vllm as vllmenv
-from kvmatrix.matrix.console import UserError
+from kvmatrix.plumbing.console import UserError
 from kvmatrix.runners.backends import known_backends
 from kvmatrix.runners.backends import vllm_common as vc
 from kvmatrix.runners.backends.base import EngineError

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmatrix.matrix import envs
+from kvmatrix.plumbing import envs
 from kvmatrix.matrix import vllm as vllmenv
-from kvmatrix.matrix.console import UserError
+from kvmatrix.plumbing.console import UserError
 from tests.conftest import REPO
 
 
@@ -57,7 +57,7 @@ def offline(tmp_path, monkeypatch) -> Path:
 
 def test_offline_install_names_the_missing_vllm_wheel(offline):
     """As a user meets it: progress lines, then ONE error line (no pip output), exit 2 (console.run_main)."""
-    code = "from kvmatrix.matrix import console, vllm; console.run_main(lambda: vllm.ensure_env('0.26.0', 'cuda'))"
+    code = "from kvmatrix.matrix import vllm; from kvmatrix.plumbing import console; console.run_main(lambda: vllm.ensure_env('0.26.0', 'cuda'))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr

@@ -1,11 +1,16 @@
 """Expand the matrix axes into cells with stable ids.
 
-A phase names an interface; each (phase, variant, config) is one cell:
+A phase names an interface of the catalogue (``kvmatrix/catalog.py``); each (phase, variant, build,
+experiment, axis value, config) is one cell:
 
     1   vllm_http                      (vLLM OpenAI server)
     2   vllm_python                    (vLLM in-process LLM)
     3a  llamacpp_http                  (llama-server)
     3b  llamacpp_python chat|template  (llama-cpp-python, two API paths)
+    1t  vllm_tokens                    (vLLM server, /v1/completions with token ids)
+    3t  llamacpp_tokens                (llama-server, /completion with token ids)
+
+Which experiment gets cells on which phase, and its extra axis, come from the catalogue too.
 """
 
 from __future__ import annotations
@@ -13,30 +18,23 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kvmatrix.matrix.console import fail
+from kvmatrix import catalog
+from kvmatrix.plumbing.console import fail
 from kvmatrix.runners.spec import ABConfig, RuntimeSpec
 
+#: phase -> [(backend, variant)], from the catalogue
 PHASES: dict[str, list[tuple[str, str | None]]] = {
-    "1": [("vllm_http", None)],
-    "2": [("vllm_python", None)],
-    "3a": [("llamacpp_http", None)],
-    "3b": [("llamacpp_python", "chat"), ("llamacpp_python", "template")],
-}
+    p: [(i.backend, i.variant) for i in rows] for p, rows in catalog.phases().items()}
 
+#: the experiments of `run` / `matrix` (--experiments)
+EXPERIMENTS = catalog.experiment_names(in_matrix=True)
 
-EXPERIMENTS = ("invalidation", "recompute_scan", "batch_sweep", "slot_eviction")
-
-#: slot_eviction runs where there are server slots: llama-server (phase 3a), one cell per slot count
-SLOT_EVICTION_PHASES = ("3a",)
 DEFAULT_PARALLEL_SLOTS = (1, 2, 4)
-
-#: prefix_reuse (``kvmatrix prefix``): backend -> phase; one cell per (backend, prefix caching off/on)
-PREFIX_BACKENDS = {"llamacpp_http": "3a", "vllm_http": "1"}
+DEFAULT_BATCH_SIZES = (64, 128, 256, 512, 2048)
 
 
 def prefix_cell_id(backend: str, caching: bool) -> str:
     return f"prefix-{backend}-{'cache_on' if caching else 'cache_off'}"
-DEFAULT_BATCH_SIZES = (64, 128, 256, 512, 2048)
 
 
 @dataclass(frozen=True)
@@ -53,6 +51,8 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
+        if self.experiment == "prefix_reuse":  # one cell per server x caching (the variant): cache_off / cache_on
+            return prefix_cell_id(self.backend, self.variant == "cache_on")
         parts = [f"phase{self.phase}", self.backend]
         if self.variant:
             parts.append(self.variant)
@@ -71,6 +71,8 @@ class Cell:
 
     @property
     def label(self) -> str:
+        if self.experiment == "prefix_reuse":
+            return self.backend
         build = f" [{self.build}]" if self.build and self.build != "shared" else ""
         tag = f" @{self.tag}" if self.tag else ""
         return f"{self.backend}{'/' + self.variant if self.variant else ''}{build}{tag}"
@@ -134,23 +136,28 @@ def expand(phases: list[str], configs: list[ABConfig], experiments: tuple[str, .
 
     Engine-major: all experiments of one engine come one after another, so cells with the same
     engine settings are adjacent and share one engine start (``host.group_cells``): the
-    invalidation and recompute_scan cells of a phase run on one engine. slot_eviction: one cell per
-    slot count of ``parallel_slots``, on the phases that have slots (``SLOT_EVICTION_PHASES``) only;
-    batch_sweep and slot_eviction run the configs of one n_batch / slot count one after another.
+    invalidation and recompute_scan cells of a phase run on one engine. An experiment gets cells
+    only on interfaces with the capabilities it requires (slot_eviction: slots), one per value of
+    its axis (``n_parallel``: ``parallel_slots``, ``n_batch``: ``batch_sizes``), the configs of one
+    value one after another. ``builds`` applies to interfaces built as bindings variants (3b).
     """
     cells = []
     for p in phases:
-        for backend, variant in PHASES[p]:
-            for build in (builds if p == "3b" else (None,)):
-                for exp in experiments:
-                    if exp == "slot_eviction":
-                        if p in SLOT_EVICTION_PHASES:
-                            cells += [Cell(p, backend, variant, cfg, exp, n_parallel=n)
-                                      for n in parallel_slots for cfg in configs]
-                    elif exp == "batch_sweep":
-                        cells += [Cell(p, backend, variant, cfg, exp, build, b) for b in batch_sizes for cfg in configs]
+        for iface in catalog.phases()[p]:
+            variant_builds = builds if set(iface.builds) - {"server"} else (None,)
+            for build in variant_builds:
+                for name in experiments:
+                    exp = catalog.experiment(name)
+                    if not catalog.runs_on(exp, iface):
+                        continue
+                    if exp.axis == "n_parallel":
+                        cells += [Cell(p, iface.backend, iface.variant, cfg, name, n_parallel=n)
+                                  for n in parallel_slots for cfg in configs]
+                    elif exp.axis == "n_batch":
+                        cells += [Cell(p, iface.backend, iface.variant, cfg, name, build, b)
+                                  for b in batch_sizes for cfg in configs]
                     else:
-                        cells += [Cell(p, backend, variant, cfg, exp, build) for cfg in configs]
+                        cells += [Cell(p, iface.backend, iface.variant, cfg, name, build) for cfg in configs]
     ids = [c.cell_id for c in cells]
     if len(set(ids)) != len(ids):
         fail("the same config is given twice; list each --config once")

@@ -32,7 +32,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kvmatrix.matrix.console import fail, say
+from kvmatrix.plumbing.console import fail, say
 from kvmatrix.matrix.images import LABEL_PREFIX
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

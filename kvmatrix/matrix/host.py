@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmatrix.matrix.cells import Cell
-from kvmatrix.matrix.console import say
+from kvmatrix.plumbing.console import say
 from kvmatrix.runners.backends.process import describe_exit, reap_group
 from kvmatrix.runners.results import write_json_atomic
 from kvmatrix.runners.run_cell import EXIT_RELAUNCH, base_document, engine_key

@@ -30,9 +30,10 @@ from functools import cached_property
 from pathlib import Path
 
 from kvmatrix.matrix import cells as cellmod
-from kvmatrix.matrix import envs, llamacpp
+from kvmatrix.matrix import llamacpp
+from kvmatrix.plumbing import envs
 from kvmatrix.matrix import vllm as vllmenv
-from kvmatrix.matrix.console import fail, say
+from kvmatrix.plumbing.console import fail, say
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER_DIR = REPO_ROOT / "docker"

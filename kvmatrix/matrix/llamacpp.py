@@ -22,8 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kvmatrix.matrix import envs
-from kvmatrix.matrix.console import fail, say
+from kvmatrix.plumbing import envs
+from kvmatrix.plumbing.console import fail, say
 
 DEFAULT_SOURCE = "vendored:0.3.36"
 

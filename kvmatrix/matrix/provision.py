@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kvmatrix.matrix import images, llamacpp
 from kvmatrix.matrix import vllm as vllmenv
-from kvmatrix.matrix.console import fail, say
+from kvmatrix.plumbing.console import fail, say
 from kvmatrix.matrix.host import Launch
 
 

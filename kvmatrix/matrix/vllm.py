@@ -34,8 +34,8 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from kvmatrix.matrix import envs
-from kvmatrix.matrix.console import UserError, fail, say
+from kvmatrix.plumbing import envs
+from kvmatrix.plumbing.console import UserError, fail, say
 from kvmatrix.runners.backends import get_backend
 from kvmatrix.runners.backends import vllm_common as vc
 from kvmatrix.runners.backends.base import EngineError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kvmatrix.matrix.console import fail
+from kvmatrix.plumbing.console import fail
 
 #: Special tokens of the generated tokenizer, in id order (0, 1, 2).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

@@ -16,8 +16,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmatrix.matrix.console import fail, say
-from kvmatrix.matrix.envs import cache_dir, content_key, ensure_venv, is_complete, mark_complete, reset_entry
+from kvmatrix.plumbing.console import fail, say
+from kvmatrix.plumbing.envs import cache_dir, content_key, ensure_venv, is_complete, mark_complete, reset_entry
 from kvmatrix.models.gguf_meta import gguf_summary
 from kvmatrix.models.presets import PRESETS, get_preset
 
@@ -76,11 +76,6 @@ def generator_sha() -> str:
     for name in GENERATOR_SOURCES:
         h.update(name.encode() + b"\0" + (MODELS_DIR / name).read_bytes() + b"\0")
     return h.hexdigest()
-
-
-def read_commit(value: str) -> str:
-    """A llama.cpp commit given directly or as a file holding it."""
-    return Path(value).read_text().strip() if Path(value).is_file() else value.strip()
 
 
 def _check_llama_source(llama_source: Path) -> Path:
@@ -187,23 +182,3 @@ def ensure_model(model: str, llama_source: Path, llama_commit: str) -> ModelFile
         manifest = {"kind": "gguf", "name": path.stem, "source": str(path), **info}
         return ModelFiles(path.stem, None, path, None, manifest, info["params"])
     return _ensure_hf(path, llama_source, llama_commit)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from kvmatrix.matrix.llamacpp import ensure_source
-
-    ap = argparse.ArgumentParser(prog="python -m kvmatrix.models",
-                                 description="Generate or convert a model and print its manifest path.")
-    ap.add_argument("--model", default="tiny", help=f"one of {', '.join(PRESETS)}, an HF directory or a .gguf file")
-    ap.add_argument("--llama-source", default=os.environ.get("KVMATRIX_LLAMA_SOURCE"),
-                    help="llama.cpp source tree or vendored:X.Y.Z (default $KVMATRIX_LLAMA_SOURCE, else the default source)")
-    ap.add_argument("--llama-commit", help="llama.cpp commit, or a file holding it (default: detected from the source)")
-    args = ap.parse_args(argv)
-    source = ensure_source(args.llama_source)
-    commit = read_commit(args.llama_commit) if args.llama_commit else source.commit
-    files = ensure_model(args.model, source.path, commit)
-    say(f"model {files.name}: {files.params:,} params, {files.gguf_f16}")
-    print(files.gguf_f16 if files.hf_dir is None else files.gguf_f16.parent / "manifest.json", flush=True)
-    return 0

@@ -41,7 +41,7 @@ from pathlib import Path
 from kvmatrix.runners import backends
 from kvmatrix.runners.backends.base import EngineError, SettingsMismatch, compare_settings
 from kvmatrix.runners.device import Nvml, host_facts
-from kvmatrix.runners.experiments import EXPERIMENTS
+from kvmatrix.runners import experiments as experiment_protocols
 from kvmatrix.runners.results import SCHEMA_VERSION, condition_block, degradation_pct, write_json_atomic
 from kvmatrix.runners.spec import CellSpec, SpecError
 
@@ -232,7 +232,7 @@ def _run_on(engine: SharedEngine, cell: CellSpec, group: list[str], index: int, 
         if begun:
             doc["timing"]["engine_starts"]["begin_cell"] = begun
         engine.served += 1
-        experiment = EXPERIMENTS[cell.experiment.name]
+        experiment = experiment_protocols.runner(cell.experiment.name)
         result = experiment(backend, cell.experiment, progress)
         for cond, trials in result.pop("trials").items():
             doc[cond] = condition_block(trials)

@@ -14,6 +14,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from kvmatrix import catalog
+
 
 class SpecError(ValueError):
     """Invalid settings; str(e) is a one-line message naming the fix."""
@@ -103,7 +105,7 @@ class ABConfig:
 
 DEFAULT_CONFIGS = (ABConfig(512, 256), ABConfig(384, 384), ABConfig(256, 512))
 
-EXPERIMENT_NAMES = ("invalidation", "recompute_scan", "batch_sweep", "prefix_reuse", "slot_eviction")
+EXPERIMENT_NAMES = catalog.experiment_names()
 #: llama-server rounds each slot's context up to a multiple of this (GGML_PAD(n_ctx / n_parallel, 256)
 #: in current builds); slot_eviction asks for a total n_ctx that splits exactly, so requested = effective
 SLOT_CTX_ALIGN = 256

@@ -1,23 +1,20 @@
 """Experiments: the only place that knows a trial protocol.
 
 Each experiment is a function ``run(backend, ExperimentSpec, progress) -> dict``
-returning ``{"trials": {condition: [Trial]}, ...extra fields for the result}``.
+returning ``{"trials": {condition: [Trial]}, ...extra fields for the result}``,
+named by its catalogue row (``kvmatrix.catalog.EXPERIMENTS``: ``runner = "module:function"``)
+and imported when a cell runs it (prefix_reuse needs aiohttp, which the host side does not have).
 """
 
-from kvmatrix.runners.experiments import invalidation, recompute_scan, slot_eviction
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from kvmatrix import catalog
 
 
-def _prefix_reuse(backend, spec, progress=None) -> dict:
-    # imported here: it needs aiohttp (the HTTP client), which the host side does not have
-    from kvmatrix.runners.experiments import prefix_reuse  # noqa: PLC0415
-
-    return prefix_reuse.run(backend, spec, progress)
-
-
-EXPERIMENTS = {
-    "invalidation": invalidation.run,
-    "recompute_scan": recompute_scan.run,
-    "batch_sweep": invalidation.run_miss_only,
-    "prefix_reuse": _prefix_reuse,
-    "slot_eviction": slot_eviction.run,
-}
+def runner(name: str) -> Callable:
+    """The protocol function of experiment ``name`` (KeyError naming the known ones)."""
+    module, function = catalog.experiment(name).runner.split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), function)

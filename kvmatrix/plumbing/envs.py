@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kvmatrix.matrix.console import fail, say
+from kvmatrix.plumbing.console import fail, say
 
 MARKER = ".complete"
 
