@@ -56,6 +56,18 @@ def phase3b(session):
 
 
 @nox.session
+def phase1t(session):
+    """Invalidation experiment on vLLM's OpenAI server, prompts as token ids (/v1/completions, no template)."""
+    _host(session, "run", "--phases", "1t", "--runtime", "auto", *session.posargs)
+
+
+@nox.session
+def phase3t(session):
+    """Invalidation experiment on llama-server, prompts as token ids (/completion, no template)."""
+    _host(session, "run", "--phases", "3t", "--runtime", "auto", *session.posargs)
+
+
+@nox.session
 def matrix(session):
     """The matrix (engine versions x llama.cpp builds x phases x configs) in Docker, or on the host.
 

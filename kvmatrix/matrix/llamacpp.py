@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvmatrix import catalog
 from kvmatrix.plumbing import envs
 from kvmatrix.plumbing.console import fail, say
 
@@ -523,7 +524,7 @@ def dump(build: LlamaBuild) -> str:
 #:   shared: bindings built WITHOUT llama.cpp, loading the server's libllama.so (LLAMA_CPP_LIB_PATH)
 #:   pip:    pip compiles its vendored llama.cpp with the SAME CMake flags as the server build
 #:   stock:  pip compiles it with no CMAKE_ARGS, as users install it by default (CPU only)
-BUILD_VARIANTS = ("shared", "pip", "stock")
+BUILD_VARIANTS = catalog.BINDINGS_BUILDS  # the bindings build variants (the catalogue names them)
 
 # Settings a variant cannot honour by definition; the runner accepts (and records) exactly these.
 STOCK_DEVIATIONS = {"n_gpu_layers": 0}
