@@ -64,8 +64,11 @@ def cell(tmp_path: Path, backend: str, extra: list[str] | None = None, engine: d
 def test_targets_expand_to_backends_in_order():
     got = collect("llamacpp=--mlock", "vllm_http=--max-logprobs 5", "vllm=--max-num-seqs=8",
                   "llamacpp_python=--use-mmap=false")
+    # a family target covers every interface of that family in the catalogue (the token-id ones too)
     assert got == {"llamacpp_http": ["--mlock"], "llamacpp_python": ["--mlock", "--use-mmap=false"],
-                   "vllm_http": ["--max-logprobs 5", "--max-num-seqs=8"], "vllm_python": ["--max-num-seqs=8"]}
+                   "llamacpp_tokens": ["--mlock"],
+                   "vllm_http": ["--max-logprobs 5", "--max-num-seqs=8"], "vllm_python": ["--max-num-seqs=8"],
+                   "vllm_tokens": ["--max-num-seqs=8"]}
     assert collect() == {} and ea.collect(None, rules) == {}
 
 

@@ -104,6 +104,7 @@ class FakeEngine(Backend):
     restart_in: set = set()
     interrupt_in: set = set()
     hook = True
+    capabilities = frozenset({"server"})  # a test double outside the catalogue declares what it has
 
     def render(self):
         self.rendered = {"argv": ["fake"]}

@@ -32,8 +32,8 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kvmatrix.plumbing.console import fail, say
 from kvmatrix.matrix.images import LABEL_PREFIX
+from kvmatrix.plumbing.console import fail, say
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_LABEL = f"{LABEL_PREFIX}.run"

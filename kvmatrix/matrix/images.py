@@ -31,8 +31,8 @@ from pathlib import Path
 
 from kvmatrix.matrix import cells as cellmod
 from kvmatrix.matrix import llamacpp
-from kvmatrix.plumbing import envs
 from kvmatrix.matrix import vllm as vllmenv
+from kvmatrix.plumbing import envs
 from kvmatrix.plumbing.console import fail, say
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

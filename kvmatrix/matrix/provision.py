@@ -20,8 +20,8 @@ from pathlib import Path
 
 from kvmatrix.matrix import images, llamacpp
 from kvmatrix.matrix import vllm as vllmenv
-from kvmatrix.plumbing.console import fail, say
 from kvmatrix.matrix.host import Launch
+from kvmatrix.plumbing.console import fail, say
 
 
 @dataclass

@@ -16,10 +16,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmatrix.plumbing.console import fail, say
-from kvmatrix.plumbing.envs import cache_dir, content_key, ensure_venv, is_complete, mark_complete, reset_entry
 from kvmatrix.models.gguf_meta import gguf_summary
 from kvmatrix.models.presets import PRESETS, get_preset
+from kvmatrix.plumbing.console import fail, say
+from kvmatrix.plumbing.envs import cache_dir, content_key, ensure_venv, is_complete, mark_complete, reset_entry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = Path(__file__).resolve().parent

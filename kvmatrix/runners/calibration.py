@@ -6,8 +6,11 @@ backend's reference client (``Backend.reference_client``: the stdlib
 ``http.client`` client for servers, the bare engine call in process), on
 the same engine, slot and cache state (re-warmed and settled the same way),
 alternating which of the two goes first. Where the backend has a token-id
-path (``Backend.token_id_path``) the same prompt is also sent as token ids,
-so the chat template + tokenization cost is a measured difference.
+path beside its chat path (``Backend.token_id_path``: the catalogue's
+``token_control`` capability) the same prompt is also sent as token ids,
+so the chat template + tokenization cost is a measured difference. The
+token-id interfaces (phases 1t, 3t) have no such control: every request of
+theirs is on the token-id path (``token_id_path`` False in their block).
 
 Pure arithmetic here (stdlib only, runs in every engine environment):
 

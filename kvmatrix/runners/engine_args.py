@@ -1,8 +1,9 @@
 """``--engine-arg TARGET=ARG``: extra engine arguments carried in a cell, one parser for every adapter.
 
-``TARGET`` is a backend or a family (``llamacpp``: llamacpp_http + llamacpp_python; ``vllm``: vllm_http +
-vllm_python). ``ARG`` is written as on a command line, one string (``--mlock``, ``--max-num-seqs=8``,
-``"--max-num-seqs 8"``: split with shlex). The host keeps the original strings in
+``TARGET`` is a backend or a family: every interface of that engine family in the catalogue
+(``kvmatrix.catalog``; ``llamacpp``: llamacpp_http, llamacpp_python, llamacpp_tokens; ``vllm``: vllm_http,
+vllm_python, vllm_tokens). ``ARG`` is written as on a command line, one string (``--mlock``,
+``--max-num-seqs=8``, ``"--max-num-seqs 8"``: split with shlex). The host keeps the original strings in
 ``cell.engine["extra_args"]`` of the backends the target covers; each adapter turns them into its own
 form with its ``Rules`` (defined next to its rendering code, where its flag names are known):
 
@@ -24,10 +25,13 @@ import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from kvmatrix import catalog
 from kvmatrix.runners.spec import SpecError
 
-BACKENDS = ("llamacpp_http", "llamacpp_python", "vllm_http", "vllm_python")
-FAMILIES = {"llamacpp": ("llamacpp_http", "llamacpp_python"), "vllm": ("vllm_http", "vllm_python")}
+BACKENDS = tuple(sorted(catalog.backends()))
+#: the family targets: the catalogue's engine families under their --engine-arg names
+FAMILY_TARGETS = {"llamacpp": "llama", "vllm": "vllm"}
+FAMILIES = {target: catalog.family_backends(family) for target, family in FAMILY_TARGETS.items()}
 TARGETS = {**{b: (b,) for b in BACKENDS}, **FAMILIES}
 
 _OPTION = re.compile(r"--?[A-Za-z]")  # "-1" and "-0.5" are values, not options

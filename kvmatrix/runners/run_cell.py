@@ -39,9 +39,9 @@ import traceback
 from pathlib import Path
 
 from kvmatrix.runners import backends
+from kvmatrix.runners import experiments as experiment_protocols
 from kvmatrix.runners.backends.base import EngineError, SettingsMismatch, compare_settings
 from kvmatrix.runners.device import Nvml, host_facts
-from kvmatrix.runners import experiments as experiment_protocols
 from kvmatrix.runners.results import SCHEMA_VERSION, condition_block, degradation_pct, write_json_atomic
 from kvmatrix.runners.spec import CellSpec, SpecError
 
@@ -144,8 +144,7 @@ class SharedEngine:
         t_start = time.monotonic()
         backend.start()
         rec["engine_start_s"] = round(time.monotonic() - t_start, 3)
-        pid = getattr(backend, "server_pid", None)
-        rec["engine_pid"] = pid() if callable(pid) else os.getpid()  # in-process engines live in the runner
+        rec["engine_pid"] = backend.server_pid() if backend.has("server") else os.getpid()  # in-process: the runner
         rec["effective"] = backend.effective()
         rec["release_gaps"] = dict(backend.release_gaps)
         rec["provenance"] = backend.provenance()

@@ -15,15 +15,22 @@ Lifecycle of every adapter (the runner drives it; an adapter never skips a step)
 
 An adapter is the only place that knows its engine's API: flags, endpoints,
 token counters, log formats. Experiments only see Request/Measurement.
+
+What an adapter CAN do is declared in the catalogue (``kvmatrix.catalog``, its ``Interface`` row),
+not probed: a subclass whose ``name`` is a catalogue backend gets ``capabilities`` and ``phase``
+from its row, and ``token_id_path`` from the ``token_control`` capability. The registry below is
+filled from the same rows (``adapter = "module:Class"``, imported on first use).
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvmatrix import catalog
 from kvmatrix.runners.engine_args import EngineArgError, Rules
 from kvmatrix.runners.spec import CellSpec
 
@@ -121,16 +128,32 @@ class Backend(abc.ABC):
     """Base of every adapter; see the module docstring for the lifecycle."""
 
     name: str = ""
+    #: from the catalogue (``__init_subclass__``): the interface's capabilities and phase
+    capabilities: frozenset[str] = frozenset()
     phase: str = ""
+    #: a token-id path distinct from the measured chat path exists (``Request.prompt_ids``):
+    #: the catalogue's ``token_control`` capability
+    token_id_path: bool = False
     #: the engine caches in units of this many tokens (vLLM: its block size)
     cache_granularity: int = 1
     #: what ``Request(client="reference")`` measures (the timing control), or "" when there is none
     reference_client: str = ""
-    #: a token-id path distinct from the measured chat path exists (``Request.prompt_ids``)
-    token_id_path: bool = False
     #: how ``--engine-arg`` reaches this engine (runners/engine_args.py): argv items or keyword arguments,
     #: the names kvmatrix renders itself (refused) and the engine options an argument may override
     engine_args: Rules = Rules("argv")
+
+    def __init_subclass__(cls, **kwargs):
+        """A catalogue adapter takes what it can do from its row (a test double outside it declares its own)."""
+        super().__init_subclass__(**kwargs)
+        if cls.name in catalog.backends():
+            row = catalog.interface(cls.name)
+            cls.capabilities = row.capabilities
+            cls.phase = row.phase
+            cls.token_id_path = row.has("token_control")
+
+    def has(self, capability: str) -> bool:
+        """Whether the catalogue declares ``capability`` for this interface (``catalog.CAPABILITIES``)."""
+        return capability in self.capabilities
 
     def __init__(self, cell: CellSpec, log_dir: Path):
         self.cell = cell
@@ -219,11 +242,31 @@ def compare_settings(requested: dict, effective: dict) -> list[dict]:
     return out
 
 
+def added_special_tokens(plain: list[int], special: list[int]) -> dict:
+    """What a tokenizer adds to plain text, from one text tokenized without (``plain``) and with (``special``)
+    special tokens: ``token_prompt_special`` {prefix, suffix} and ``token_prompt_bos`` (the token-id interfaces
+    record it among their effective settings)."""
+    at = next((i for i in range(len(special) - len(plain) + 1) if special[i:i + len(plain)] == plain), None)
+    added = {"prefix": list(special), "suffix": []} if at is None else \
+        {"prefix": special[:at], "suffix": special[at + len(plain):]}
+    return {"token_prompt_bos": bool(added["prefix"]), "token_prompt_special": added}
+
+
 _REGISTRY: dict[str, Callable[[], type[Backend]]] = {}
 
 
 def register(name: str, loader: Callable[[], type[Backend]]) -> None:
     _REGISTRY[name] = loader
+
+
+def adapter_loader(adapter: str) -> Callable[[], type[Backend]]:
+    """A catalogue ``adapter`` ("module:Class" under kvmatrix.runners.backends) -> its lazy loader."""
+    module, _, cls = adapter.partition(":")
+
+    def load() -> type[Backend]:
+        return getattr(importlib.import_module(f"kvmatrix.runners.backends.{module}"), cls)
+
+    return load
 
 
 def get_backend(name: str) -> type[Backend]:

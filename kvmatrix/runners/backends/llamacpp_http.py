@@ -3,7 +3,7 @@
 render:    RuntimeSpec -> llama-server flags, by what THIS binary's --help offers
            (``-fa on|off`` vs the older boolean ``-fa``; ``--cache-ram`` and
            ``--fit`` exist only in newer builds).
-start:     own process group on 127.0.0.1:<free port>, bounded /health wait.
+start:     own process group on 127.0.0.1:<free port>, bounded /health wait (``ServerBackend``).
 effective: ``/props`` (slot context, slots) + the start-up log (n_ctx, n_batch,
            n_ubatch, flash attention, KV types, threads, prompt-cache size,
            offloaded layers).
@@ -24,12 +24,11 @@ import subprocess
 from pathlib import Path
 
 from kvmatrix.runners.backends import llamacpp_common as common
-from kvmatrix.runners.backends.base import Backend, ContextExceeded, EngineError, Measurement, Request
+from kvmatrix.runners.backends.base import ContextExceeded, EngineError, Measurement, Request
 from kvmatrix.runners.backends.http import HttpClient, HttpError
-from kvmatrix.runners.backends.process import HOST, EngineProcess, free_port
+from kvmatrix.runners.backends.process import HOST
+from kvmatrix.runners.backends.server import ServerBackend
 from kvmatrix.runners.engine_args import Rules, controlled
-
-START_TIMEOUT_S = 120.0
 
 #: every llama-server flag ``render`` sets (all aliases, checked against the b4094 --help in tests/data and
 #: current llama.cpp's common/arg.cpp) -> what sets it instead; ``--engine-arg`` refuses them
@@ -61,20 +60,16 @@ SERVER_CONTROLLED = controlled((
 ENGINE_ARGS = Rules("argv", controlled=SERVER_CONTROLLED, split_inline=True)
 
 
-class LlamaCppHttp(Backend):
+class LlamaCppHttp(ServerBackend):
     name = "llamacpp_http"
-    phase = "3a"
-    reference_client = "stdlib http.client, same request bytes, fresh connection"
-    token_id_path = True
+    server_name = "llama-server"
+    start_timeout_s = 120.0
     engine_args = ENGINE_ARGS
 
     def __init__(self, cell, log_dir: Path):
         super().__init__(cell, log_dir)
         self.server = Path(cell.engine["server"])
         self.model_path = cell.model["gguf"]
-        self.port = free_port()
-        self.proc: EngineProcess | None = None
-        self.client: HttpClient | None = None
         self._help: str | None = None
         self._template_cache: dict[str, list[int]] = {}
         #: POST /apply-template exists (newer servers); else the prompt is read back from /slots
@@ -136,24 +131,9 @@ class LlamaCppHttp(Backend):
         self.rendered = {"argv": argv, **self.engine_args_record()}
         return self.rendered
 
-    # -- start / stop ---------------------------------------------------------
-    def start(self) -> None:
-        argv = self.rendered.get("argv") or self.render()["argv"]
-        self.proc = EngineProcess(argv, self.log_path)
-        self.proc.start()
-        self.client = HttpClient(f"http://{HOST}:{self.port}")
-        self.start_seconds = self.proc.wait_ready(
-            lambda: self.client.get_json("/health", timeout_s=2).get("status") == "ok",
-            START_TIMEOUT_S, "llama-server",
-        )
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
-        if self.client is not None:
-            self.client.close()
-            self.client = None
+    # -- start (ServerBackend) ------------------------------------------------
+    def ready(self) -> bool:
+        return self.client.get_json("/health", timeout_s=2).get("status") == "ok"
 
     # -- read back ------------------------------------------------------------
     def effective(self) -> dict:
@@ -270,6 +250,10 @@ class LlamaCppHttp(Backend):
         return float(m.group(1)) if m else None
 
     # -- measure --------------------------------------------------------------
+    def _counts_prompt_tokens(self) -> bool:
+        """Whether requests need the prompt-token counter: chat responses without timings (or not known yet)."""
+        return self._chat_timings is not True
+
     def _payload(self, request: Request) -> tuple[str, dict]:
         """The request as llama-server takes it: chat completions, or ``/completion`` with token ids."""
         common_fields = {
@@ -294,7 +278,7 @@ class LlamaCppHttp(Backend):
         # chat responses without timings (older servers): the engine's prompt-token counter gives what it
         # evaluated; it is read AFTER each request (outside the timed region), and the value kept for the next
         # one, so nothing reaches the server between a settle pause and the timed request (except once, first)
-        counted = self._chat_timings is not True
+        counted = self._counts_prompt_tokens()
         before = (self._counter if self._counter is not None else self._prompt_counter()) if counted else None
         self._counter = None  # until this request's own reading below
         try:
@@ -304,11 +288,9 @@ class LlamaCppHttp(Backend):
             if refused is not None:
                 refused.id_slot = self.served_slot(payload["id_slot"])
                 raise refused from None
-            self.proc.check_alive("llama-server")
-            raise EngineError(f"llama-server request failed: {exc}", self.log_tail()) from None
+            raise self.request_failed(exc) from None
         except OSError as exc:
-            self.proc.check_alive("llama-server")
-            raise EngineError(f"llama-server request failed: {exc}", self.log_tail()) from None
+            raise self.request_failed(exc) from None
         fields = r.fields
         text = r.text
         if not request.stream:
@@ -326,7 +308,7 @@ class LlamaCppHttp(Backend):
             cache_n, source = prompt_tokens - int(prompt_n), "tokens_evaluated - timings.prompt_n"
         if path != "/completion":
             self._chat_timings = bool(timings) if self._chat_timings is None else self._chat_timings
-        if counted and self._chat_timings is not True:
+        if counted and self._counts_prompt_tokens():
             self._counter = self._prompt_counter()
             if not timings and before is not None and self._counter is not None and prompt_tokens is not None:
                 prompt_n = int(round(self._counter - before))
@@ -405,12 +387,8 @@ class LlamaCppHttp(Backend):
                 "cached_tokens": cache_n, "engine_prompt_ms": timings.get("prompt_ms"),
                 "cached_tokens_source": "timings.cache_n"}
 
-    def server_pid(self) -> int | None:
-        return self.proc.proc.pid if self.proc is not None and self.proc.proc is not None else None
-
-    def memory_readout(self) -> dict:
-        """KV-cache read-outs (thread-safe: its own client): slots busy, cached-token counter, KV buffer size."""
-        client = HttpClient(f"http://{HOST}:{self.port}", timeout_s=10)
+    def read_memory(self, client: HttpClient) -> dict:
+        """KV-cache read-outs (``ServerBackend.memory_readout``): slots busy, cached tokens, KV buffer size."""
         out: dict = {}
         try:
             slots = client.get_json("/slots")
@@ -424,8 +402,6 @@ class LlamaCppHttp(Backend):
                     out[m.group(1)] = float(m.group(2))
         except (HttpError, OSError, ValueError):
             pass
-        finally:
-            client.close()
         m = re.findall(r"llama_kv_cache:\s+size\s*=\s*([\d.]+)\s*MiB", self.log_path.read_text(errors="replace"))
         if m:
             out["kv_buffer_mib"] = float(m[-1])

@@ -57,9 +57,7 @@ ENGINE_ARGS = Rules("kwargs", controlled=BINDINGS_CONTROLLED)
 
 class LlamaCppPython(Backend):
     name = "llamacpp_python"
-    phase = "3b"
     reference_client = "bare Llama call (same API and arguments), no kvmatrix code in the timed region"
-    token_id_path = True
     engine_args = ENGINE_ARGS
 
     def __init__(self, cell, log_dir: Path):

@@ -1,8 +1,9 @@
 """Engine server processes: start in their own process group, wait, stop.
 
 One home for what every server-style engine needs: a free loopback port,
-a log file, a bounded readiness wait that notices an early exit, and a stop
-that takes the whole process group (workers included) down.
+a log file, a bounded readiness wait that notices an early exit, a stop
+that takes the whole process group (workers included) down, and the
+resident memory of that group (/proc).
 """
 
 from __future__ import annotations
@@ -108,6 +109,34 @@ class EngineProcess:
         except subprocess.TimeoutExpired:
             pass
         self.pid_path.unlink(missing_ok=True)
+
+
+def group_memory(pid: int | None) -> dict:
+    """VmRSS / VmHWM (MiB) summed over the process group of ``pid`` (vLLM's engine core included)."""
+    if pid is None:
+        return {}
+    try:
+        pgid = os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return {}
+    rss = hwm = n = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            if int(stat[stat.rindex(")") + 2:].split()[2]) != pgid:
+                continue
+            status = Path(entry.path, "status").read_text()
+        except (OSError, ValueError, IndexError):
+            continue
+        n += 1
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                rss += int(line.split()[1])
+            elif line.startswith("VmHWM:"):
+                hwm += int(line.split()[1])
+    return {"rss_mib": round(rss / 1024, 1), "hwm_mib": round(hwm / 1024, 1), "processes": n} if n else {}
 
 
 def reap_group(pid_path: Path) -> bool:

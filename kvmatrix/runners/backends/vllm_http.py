@@ -7,7 +7,7 @@ render:    RuntimeSpec + the host's vLLM options -> ``python -m
            (offline, loopback, caches in a run-owned folder removed at stop,
            CPU KV-cache size and thread binding).
 start:     own process group on 127.0.0.1:<free port>, bounded /health wait
-           (start-up is ~50 s on 2 CPU cores).
+           (``ServerBackend``; start-up is ~50 s on 2 CPU cores).
 effective: ``/server_info?config_format=json`` (vLLM's whole config, dev
            mode), ``/v1/models`` (max_model_len), ``/metrics``
            ``vllm:cache_config_info`` labels and the start-up log (the CPU
@@ -38,27 +38,24 @@ from pathlib import Path
 from kvmatrix.runners.backends import vllm_common as vc
 from kvmatrix.runners.backends.base import EngineError, Measurement, Request
 from kvmatrix.runners.backends.http import HttpClient, HttpError
-from kvmatrix.runners.backends.process import HOST, EngineProcess, free_port, tail
+from kvmatrix.runners.backends.process import HOST
+from kvmatrix.runners.backends.server import ServerBackend
 
-START_TIMEOUT_S = 300.0
 #: per-request engine histograms (their sums' deltas around one request): first token, queueing
 ENGINE_TTFT_SUM = ("vllm:time_to_first_token_seconds_sum",)
 QUEUE_SUM = ("vllm:request_queue_time_seconds_sum",)
 
 
-class VllmHttp(vc.VllmBackend):
+class VllmHttp(ServerBackend, vc.VllmBackend):
     name = "vllm_http"
-    phase = "1"
-    reference_client = "stdlib http.client, same request bytes, fresh connection"
-    token_id_path = True
+    server_name = "vLLM server"
+    start_timeout_s = 300.0
+    stop_grace_s = 15.0
     engine_args = vc.SERVER_ARGS
 
     def __init__(self, cell, log_dir: Path):
         super().__init__(cell, log_dir)
         self.python = cell.engine.get("python") or sys.executable
-        self.port = free_port()
-        self.proc: EngineProcess | None = None
-        self.client: HttpClient | None = None
         self.model_name = self.opts.served_model_name
         self._config: dict = {}
         self._cache_info: dict = {}
@@ -75,28 +72,19 @@ class VllmHttp(vc.VllmBackend):
                          "options": self.opts.to_dict(), **self.engine_args_record(self.option_overrides)}
         return self.rendered
 
-    # -- start / stop ---------------------------------------------------------
+    # -- start / stop (ServerBackend) -----------------------------------------
+    def ready(self) -> bool:
+        return self.client.get_text("/health", timeout_s=2) is not None
+
     def start(self) -> None:
-        if not self.rendered:
-            self.render()
-        self.proc = EngineProcess(self.rendered["argv"], self.log_path, env=self.rendered["env"])
-        self.proc.start()
-        self.client = HttpClient(f"http://{HOST}:{self.port}")
         try:
-            self.start_seconds = self.proc.wait_ready(
-                lambda: self.client.get_text("/health", timeout_s=2) is not None, START_TIMEOUT_S, "vLLM server",
-            )
-        except EngineError as exc:
+            super().start()
+        except EngineError as exc:  # the cause named in the log, on the one line
             cause = vc.last_error_line(exc.log_tail)
             raise EngineError(f"{exc}: {cause}" if cause else str(exc), exc.log_tail) from None
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop(grace_s=15)
-            self.proc = None
-        if self.client is not None:
-            self.client.close()
-            self.client = None
+        super().stop()
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
@@ -227,8 +215,7 @@ class VllmHttp(vc.VllmBackend):
             r = self.client.exchange(path, self._payload(request), request.client)
             after = self._metrics_after(before)
         except (HttpError, OSError) as exc:
-            self.proc.check_alive("vLLM server")
-            raise EngineError(f"vLLM request failed: {exc}", self.log_tail()) from None
+            raise self.request_failed(exc, "vLLM") from None
         fields = r.fields
         ttft, total, connect = (r.ttft_s if request.stream else None), r.total_s, r.connect_s
         choice = (fields.get("choices") or [{}])[0] if not request.stream else {}
@@ -277,9 +264,6 @@ class VllmHttp(vc.VllmBackend):
             extra=extra,
         )
 
-    def log_tail(self, lines: int = 30) -> str:
-        return tail(self.log_path, lines)
-
     # -- raw-prompt completions (the prefix_reuse client) ----------------------
     def completion_request(self, prompt: str, max_tokens: int, slot: int | None = None) -> tuple[str, dict]:
         """Streaming ``/v1/completions`` for a raw prompt, usage (cached tokens) in the last chunk.
@@ -301,18 +285,12 @@ class VllmHttp(vc.VllmBackend):
                 "cached_tokens": details.get("cached_tokens"), "engine_prompt_ms": None,
                 "cached_tokens_source": "usage.prompt_tokens_details.cached_tokens"}
 
-    def server_pid(self) -> int | None:
-        return self.proc.proc.pid if self.proc is not None and self.proc.proc is not None else None
-
-    def memory_readout(self) -> dict:
-        """KV-cache read-outs from /metrics (thread-safe: its own client)."""
-        client = HttpClient(f"http://{HOST}:{self.port}", timeout_s=10)
+    def read_memory(self, client: HttpClient) -> dict:
+        """KV-cache read-outs from /metrics (``ServerBackend.memory_readout``)."""
         try:
             values = vc.parse_metrics(client.get_text("/metrics"))
         except (HttpError, OSError, ValueError):
             return {}
-        finally:
-            client.close()
         out = {}
         for key, names in (("kv_cache_usage_perc", ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")),
                            ("prefix_cache_queries", vc.PREFIX_QUERIES), ("prefix_cache_hits", vc.PREFIX_HITS),

@@ -49,7 +49,6 @@ TTFT_KIND = "generate_max_tokens_1"
 
 class VllmPython(vc.VllmBackend):
     name = "vllm_python"
-    phase = "2"
     reference_client = "bare LLM.generate on the same token ids, arguments built before the clock"
     engine_args = vc.LLM_ARGS
 

@@ -52,37 +52,10 @@ MODES = {True: "with_prefix_cache", False: "no_prefix_cache"}
 SAMPLE_EVERY_S = 0.5
 
 
-# ---------------------------------------------------------------- process memory
-def group_memory(pid: int | None) -> dict:
-    """VmRSS / VmHWM (KiB) summed over the process group of ``pid`` (vLLM's engine core included)."""
-    if pid is None:
-        return {}
-    try:
-        pgid = os.getpgid(pid)
-    except (ProcessLookupError, PermissionError):
-        return {}
-    rss = hwm = n = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-            if int(stat[stat.rindex(")") + 2:].split()[2]) != pgid:
-                continue
-            status = Path(entry.path, "status").read_text()
-        except (OSError, ValueError, IndexError):
-            continue
-        n += 1
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                rss += int(line.split()[1])
-            elif line.startswith("VmHWM:"):
-                hwm += int(line.split()[1])
-    return {"rss_mib": round(rss / 1024, 1), "hwm_mib": round(hwm / 1024, 1), "processes": n} if n else {}
-
-
+# ---------------------------------------------------------------- memory
 def snapshot(backend: Backend) -> dict:
-    return {**backend.memory_readout(), **group_memory(backend.server_pid())}
+    """The engine's KV read-outs and its process group's resident memory (``ServerBackend``)."""
+    return {**backend.memory_readout(), **backend.process_memory()}
 
 
 class MemorySampler:

@@ -61,6 +61,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from kvmatrix import catalog
 from kvmatrix.runners.backends.base import Backend, ContextExceeded, Request
 from kvmatrix.runners.experiments.invalidation import Tracker, calibration_block, measure_trial, order_labels, schedule
 from kvmatrix.runners.spec import ExperimentSpec, SpecError
@@ -109,9 +110,10 @@ def fits(prompt_tokens: int, slot_ctx: int) -> bool:
 
 
 def run(backend: Backend, spec: ExperimentSpec, progress=None) -> dict:
-    if not hasattr(backend, "slot_readout"):
-        raise SpecError(f"slot_eviction needs an engine with server slots (llama-server, phase 3a), "
-                        f"not {backend.name}")
+    needs = catalog.experiment("slot_eviction").requires
+    if not needs <= backend.capabilities:  # declared in the catalogue, not probed
+        raise SpecError(f"slot_eviction needs an interface with {', '.join(sorted(needs))} (phases "
+                        f"{', '.join(catalog.phases_for('slot_eviction'))}), not {backend.name}")
     vocab = Vocabulary.from_engine(backend.tokenize)
     cfg = spec.config
     contexts = {"ab": vocab.contexts(cfg.a, cfg.b, cfg.q, seed=spec.seed)}
