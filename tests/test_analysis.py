@@ -14,19 +14,15 @@ import pytest
 
 from kvmatrix.analysis import figures as figures_mod
 from kvmatrix.analysis import roofline, stats
-from kvmatrix.analysis.figures import SPECS, fig1_panels, make_figures, ttft_split
+from kvmatrix.analysis.checks import device_state, outliers
+from kvmatrix.analysis.experiments import build_evidence
+from kvmatrix.analysis.experiments.invalidation import build as build_rows
+from kvmatrix.analysis.experiments.invalidation import cascade, fig1_panels, ttft_split
+from kvmatrix.analysis.experiments.recompute_scan import recompute_points
+from kvmatrix.analysis.figures import SPECS, make_figures
+from kvmatrix.analysis.provenance import settings_parity
 from kvmatrix.analysis.report import NoCellsError, main, write_report
-from kvmatrix.analysis.summary import (
-    build_evidence,
-    build_rows,
-    cascade,
-    device_state,
-    order_text,
-    outliers,
-    recompute_points,
-    settings_parity,
-    unverified_trials,
-)
+from kvmatrix.analysis.trials import order_text, unverified_trials
 from kvmatrix.runners.results import Trial, condition_block, degradation_pct, describe, write_json_atomic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -460,7 +456,7 @@ def test_cascade_attributes_warmups_to_the_previous_query():
         t in row.trials["hit"] for t in c.after["miss"])
     assert c.summary("miss").median > 10 * c.summary("hit").median
     assert c.tokens("miss") == (4, 791 - 4) and c.tokens("hit") == (790, 1)
-    no_order = dict(row.cell)
+    no_order = row.cell.to_dict()
     del no_order["order"]
     assert cascade(build_rows([no_order])[0]) == (None, "no trial order recorded")
 
@@ -696,7 +692,7 @@ def test_label_names_the_row():
 
 
 def test_version_text_per_engine():
-    from kvmatrix.analysis.summary import version_text
+    from kvmatrix.analysis.labels import version_text
 
     prov = {"llama_cpp_commit": "0c1e570", "llama_cpp_python_version": "0.3.36", "vllm_version": "0.11.0"}
     assert version_text({"backend": "llamacpp_http", "provenance": prov}) == "llama.cpp 0c1e570"
@@ -708,7 +704,7 @@ def test_version_text_per_engine():
 
 def test_rows_are_invalidation_cells_only():
     rows = build_rows(full_run_docs())
-    assert len(rows) == 4 and {r.cell["experiment"] for r in rows} == {"invalidation"}
+    assert len(rows) == 4 and {r.cell.experiment for r in rows} == {"invalidation"}
 
 
 def test_ttft_split_uses_engine_time_else_non_streaming():
@@ -781,7 +777,7 @@ def test_figures_cli_module_entry(run_dir, tmp_path):
 
 
 def test_analysis_never_imports_a_backend():
-    for path in (REPO / "kvmatrix" / "analysis").glob("*.py"):
+    for path in (REPO / "kvmatrix" / "analysis").rglob("*.py"):
         tree = ast.parse(path.read_text())
         names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
@@ -802,7 +798,7 @@ def test_cells_json_roundtrip_is_what_the_report_reads(full_run):
 
 
 def test_provenance_row_names_the_container_image_and_runner_commit():
-    from kvmatrix.analysis.summary import provenance_row
+    from kvmatrix.analysis.provenance import provenance_row
 
     doc = cell("3a", "llamacpp_http", 512, 256, [10, 11], [90, 91])
     doc["provenance"].update(runtime_kind="docker", runner_git={"sha": "0ecea17abcdef123", "dirty": True},
@@ -847,7 +843,6 @@ def test_generated_findings(full_report):
 
 def test_findings_server_vs_inprocess_uses_the_calibration():
     from kvmatrix.analysis import findings
-    from kvmatrix.analysis.summary import build_rows
 
     cells = [invalidation_cell("3a", "llamacpp_http", 512, 256, seed=1),
              invalidation_cell("3b", "llamacpp_python", 512, 256, seed=2, label="llamacpp_python/chat")]

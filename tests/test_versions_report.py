@@ -7,9 +7,10 @@ import struct
 import pytest
 
 from kvmatrix.analysis import versions
+from kvmatrix.analysis.experiments import build_evidence
+from kvmatrix.analysis.experiments.invalidation import build as build_rows
 from kvmatrix.analysis.figures import WHEN_APPLICABLE, _draw
-from kvmatrix.analysis.report import _table, write_report
-from kvmatrix.analysis.summary import build_evidence, build_rows
+from kvmatrix.analysis.report import write_report
 from tests.test_analysis import PNG_MAGIC, cell, section, table_header, table_rows, write_cells
 
 OLD, NEW = ("0.3.2", "74d73dc"), ("0.3.36", "0c1e570")
@@ -96,7 +97,7 @@ def version_docs() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def versions_text():
-    return versions.section(build_rows(version_docs()), _table, [])
+    return versions.section(build_rows(version_docs()))
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +201,7 @@ def test_report_embeds_the_figure_after_calibration(versions_report):
 def test_single_release_has_no_section_and_no_figure(tmp_path):
     docs = [d for d in version_docs() if "0.3.36" in d["cell_id"] or "0.32.0" in d["cell_id"]]
     ev = build_evidence(docs)
-    assert versions.section(ev.rows, _table, ["embedded"]) == ""
+    assert versions.section(ev.rows, ["embedded"]) == ""
     assert versions.figure(ev.rows) is None
     stale = tmp_path / "figures" / "fig8_versions.png"
     stale.parent.mkdir()

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import json
 
-from kvmatrix.analysis.stats import compare, fmt_p
-from kvmatrix.analysis.summary import Row, build_rows
+from kvmatrix.analysis.experiments import invalidation
+from kvmatrix.analysis.experiments.invalidation import Row
+from kvmatrix.analysis.fmt import fmt_p, md_table, value
+from kvmatrix.analysis.stats import compare
+from kvmatrix.runners.document import CellDoc
 
 STEPS = (("server", "shared", "binding / API path"), ("shared", "pip", "build (pip-compiled, same flags)"),
          ("pip", "stock", "build flags (pip defaults)"))
@@ -26,34 +29,36 @@ CONDITIONS = ("hit", "miss")
 
 
 def _variant(row: Row) -> str | None:
-    prov = row.cell.get("provenance") or {}
-    if row.cell.get("backend") == "llamacpp_http":
+    if row.cell.backend == "llamacpp_http":
         return "server"
-    if row.cell.get("backend") == "llamacpp_python":
-        return prov.get("build_variant") or "shared"
+    if row.cell.backend == "llamacpp_python":
+        return row.cell.provenance.build_variant or "shared"
     return None
 
 
-def _api(cell: dict) -> str | None:
+def _api(cell: CellDoc) -> str | None:
     """The bindings API path from the cell label ``llamacpp_python/<api>[ [build]][ @tag]``."""
-    label = str(cell.get("label") or "")
+    label = str(cell.label or "")
     return label.split("/", 1)[1].split()[0] if "/" in label else None
 
 
 def _group_key(row: Row) -> str:
     """What must be equal for two cells to be compared: model, source commit, runtime, config, runtime kind."""
     c = row.cell
-    prov = c.get("provenance") or {}
-    requested = dict((c.get("runtime") or {}).get("requested") or {})
-    return json.dumps([(c.get("model") or {}).get("name"), (c.get("model") or {}).get("quant"),
-                       prov.get("llama_cpp_commit"), prov.get("llama_cpp_source"), prov.get("runtime_kind"),
-                       c.get("config"), requested], sort_keys=True, default=str)
+    prov = c.provenance
+    return json.dumps([c.model.name, c.model.quant, prov.llama_cpp_commit, prov.llama_cpp_source, prov.runtime_kind,
+                       c.config.to_dict(), dict(c.runtime.requested)], sort_keys=True, default=str)
 
 
-def rows(cells: list[dict]) -> list[dict]:
+def rows(cells) -> list[dict]:
     """One row per (group, API path, condition, step) where both ends of the step were measured."""
+    return step_rows(invalidation.build(cells))
+
+
+def step_rows(inv_rows: list[Row]) -> list[dict]:
+    """``rows`` from the invalidation rows."""
     groups: dict[str, dict[tuple[str, str | None], Row]] = {}
-    for r in build_rows(cells):
+    for r in inv_rows:
         v = _variant(r)
         if v is None:
             continue
@@ -72,10 +77,10 @@ def rows(cells: list[dict]) -> list[dict]:
                     cmp_ = compare(a.values(cond), b.values(cond))
                     if cmp_.diff is None:
                         continue
-                    prov = b.cell.get("provenance") or {}
+                    prov = b.cell.provenance
                     out.append({
-                        "source": f"{prov.get('llama_cpp_source')} ({prov.get('llama_cpp_commit')})",
-                        "runtime": prov.get("runtime_kind") or "host", "model": (b.cell.get("model") or {}).get("name"),
+                        "source": f"{prov.llama_cpp_source} ({prov.llama_cpp_commit})",
+                        "runtime": prov.runtime_kind or "host", "model": b.cell.model.name,
                         "config": b.config, "api": api, "condition": cond, "step": f"{a_name} -> {b_name}",
                         "attributed_to": what, "a_ms": a.summary(cond).median, "b_ms": b.summary(cond).median,
                         "diff_ms": cmp_.diff, "diff_ci": cmp_.diff_ci, "p": cmp_.p, "n": (cmp_.n_a, cmp_.n_b),
@@ -83,15 +88,29 @@ def rows(cells: list[dict]) -> list[dict]:
     return out
 
 
-def section(cells: list[dict]) -> str:
+HEADERS = ("Source", "Runtime", "Model", "A/B", "API", "Condition", "Step", "Attributed to", "From (ms)", "To (ms)",
+           "Difference (ms) [95% CI]", "p", "n")
+
+
+def sections(ev, figures) -> list[str]:
+    return [_section(step_rows(ev.rows))]
+
+
+def section(cells) -> str:
     """The report section, or '' when no cell pair shares a source, model and runtime."""
-    found = rows(cells)
+    return _section(rows(cells))
+
+
+def _section(found: list[dict]) -> str:
     if not found:
         return ""
-
-    def ms(v):
-        return "n/a" if v is None else f"{v:.1f}"
-
+    body = []
+    for r in found:
+        ci = f" [{r['diff_ci'][0]:+.1f}, {r['diff_ci'][1]:+.1f}]" if r["diff_ci"] else ""
+        body.append([str(r[k]) for k in ("source", "runtime", "model", "config", "api", "condition", "step",
+                                         "attributed_to")]
+                    + [value(r["a_ms"], 1), value(r["b_ms"], 1), f"{r['diff_ms']:+.1f}{ci}", fmt_p(r["p"]),
+                       f"{r['n'][0]}/{r['n'][1]}"])
     lines = [
         "## Server vs bindings: binding or build?",
         "",
@@ -100,13 +119,6 @@ def section(cells: list[dict]) -> str:
         "(pip-compiled with the same CMake flags), `stock - pip` the build flags (pip defaults). Difference of "
         "median TTFT, bootstrap 95% CI, Mann-Whitney p.",
         "",
-        "| Source | Runtime | Model | A/B | API | Condition | Step | Attributed to | From (ms) | To (ms) "
-        "| Difference (ms) [95% CI] | p | n |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        md_table(HEADERS, body),
     ]
-    for r in found:
-        ci = f" [{r['diff_ci'][0]:+.1f}, {r['diff_ci'][1]:+.1f}]" if r["diff_ci"] else ""
-        lines.append(f"| {r['source']} | {r['runtime']} | {r['model']} | {r['config']} | {r['api']} | "
-                     f"{r['condition']} | {r['step']} | {r['attributed_to']} | {ms(r['a_ms'])} | {ms(r['b_ms'])} | "
-                     f"{r['diff_ms']:+.1f}{ci} | {fmt_p(r['p'])} | {r['n'][0]}/{r['n'][1]} |")
     return "\n".join(lines) + "\n"

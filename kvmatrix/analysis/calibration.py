@@ -23,8 +23,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmatrix.analysis.figure import FigureSpec, embed
+from kvmatrix.analysis.fmt import ci_text, fixed, table
+from kvmatrix.analysis.labels import phase_key, series_names
+from kvmatrix.analysis.load import as_docs, load_required
 from kvmatrix.analysis.stats import Summary, summarize
-from kvmatrix.analysis.summary import is_ok, load_required, phase_key, series_names
+from kvmatrix.runners.document import HIT_MISS, CellDoc
 
 CONDITIONS = ("cache_hit", "cache_miss", "warmup")
 PARTS = ("client_ms", "interface_ms", "engine_ms")
@@ -47,29 +51,37 @@ class OverheadRow:
     parts: dict[str, float] = field(default_factory=dict)
 
 
-def _trials(cell: dict) -> dict[str, list[dict]]:
+def _trials(cell: CellDoc) -> dict[str, list[dict]]:
     """Trials per calibration condition: measured hit / miss trials, warm-up trials pooled."""
     out: dict[str, list[dict]] = {}
-    for cond in ("cache_hit", "cache_miss"):
-        trials = (cell.get(cond) or {}).get("trials") or []
+    for cond in HIT_MISS:
+        trials = cell.trials(cond)
         out.setdefault(cond, []).extend(t for t in trials if not t.get("warmup"))
         out.setdefault("warmup", []).extend(t for t in trials if t.get("warmup"))
     return out
 
 
-def calibrated(cells: list[dict]) -> list[dict]:
-    return [c for c in cells if is_ok(c) and (c.get("calibration") or {}).get("enabled")
-            and any(c.get(k) for k in ("cache_hit", "cache_miss"))]
+def _trial_protocol(c: CellDoc) -> bool:
+    return c.ok and any(c.has_condition(k) for k in HIT_MISS)
 
 
-def overhead_rows(cells: list[dict]) -> list[OverheadRow]:
+def _enabled(c: CellDoc) -> bool:
+    return bool(c.calibration is not None and c.calibration.enabled)
+
+
+def calibrated(cells) -> list[CellDoc]:
+    """The ok trial-protocol cells that ran with the control."""
+    return [c for c in as_docs(cells) if _trial_protocol(c) and _enabled(c)]
+
+
+def overhead_rows(cells) -> list[OverheadRow]:
     cells = calibrated(cells)
     names = series_names(cells, ("model", "settings")) if cells else []
     groups: dict[tuple, list[dict]] = {}
     meta: dict[tuple, tuple] = {}
     for cell, name in zip(cells, names, strict=True):
-        key = (name, str(cell.get("phase")))
-        meta[key] = (cell.get("backend"), cell["calibration"].get("reference_client", ""))
+        key = (name, str(cell.phase))
+        meta[key] = (cell.backend, cell.calibration.get("reference_client", ""))
         for cond, trials in _trials(cell).items():
             groups.setdefault(key + (cond,), []).extend(trials)
     rows = []
@@ -100,19 +112,6 @@ def overhead_rows(cells: list[dict]) -> list[OverheadRow]:
     return rows
 
 
-def ci_text(s: Summary | None, digits: int = 1, sign: bool = False) -> str:
-    """A median with its CI, e.g. ``12.34 [11.02, 13.90]`` (``sign``: ``+0.08 [-0.89, +0.60]``); — when empty."""
-    if s is None or s.median is None:
-        return "—"
-    f = f"{{:{'+' if sign else ''}.{digits}f}}"
-    ci = f" [{f.format(s.ci[0])}, {f.format(s.ci[1])}]" if s.ci else ""
-    return f.format(s.median) + ci
-
-
-def _part(v: float | None) -> str:
-    return "—" if v is None else f"{v:.2f}"
-
-
 HEADERS = ["Phase", "Series", "Condition", "n", "Harness TTFT (ms)", "Reference TTFT (ms)",
            "Harness − reference (ms) [95% CI]", "Chat − token-id path (ms)", "Same cached tokens"]
 BREAKDOWN_HEADERS = ["Phase", "Series", "Condition", "Client (ms)", "First byte (ms)", "Engine (ms)",
@@ -125,19 +124,24 @@ def table_rows(rows: list[OverheadRow]) -> list[list[str]]:
 
 
 def breakdown_rows(rows: list[OverheadRow]) -> list[list[str]]:
-    return [[r.phase, r.series, r.condition, _part(r.parts.get("client_ms")), _part(r.parts.get("first_byte_ms")),
-             _part(r.parts.get("engine_ms")), _part(r.parts.get("interface_ms")), ci_text(r.harness, 2)]
+    return [[r.phase, r.series, r.condition, fixed(r.parts.get("client_ms")), fixed(r.parts.get("first_byte_ms")),
+             fixed(r.parts.get("engine_ms")), fixed(r.parts.get("interface_ms")), ci_text(r.harness, 2)]
             for r in rows if r.parts]
 
 
-def section(cells: list[dict], table, embed: list[str]) -> str:
-    """The report's "Harness overhead" section; ``table`` renders rows, ``embed`` the figure lines."""
+def sections(ev, figures) -> list[str]:
+    return [section(ev.cells, embed(figures, "calibration"))]
+
+
+def section(cells, figure_lines: list[str] = ()) -> str:
+    """The report's "Harness overhead" section; ``figure_lines``: the embedded figures' markdown."""
     head = "## Harness overhead (calibration control)\n\n"
+    cells = as_docs(cells)
     rows = overhead_rows(cells)
-    off = [c for c in cells if is_ok(c) and not (c.get("calibration") or {}).get("enabled")
-           and any(c.get(k) for k in ("cache_hit", "cache_miss"))]
+    off = [c for c in cells if _trial_protocol(c) and not _enabled(c)]
     if not rows:
-        why = "; ".join(sorted({(c.get("calibration") or {}).get("reason", "recorded before the control existed")
+        never = "recorded before the control existed"
+        why = "; ".join(sorted({c.calibration.get("reason", never) if c.calibration is not None else never
                                 for c in off})) or "no trial-protocol cells"
         return head + f"No calibration data in these cells ({why}).\n"
     refs = sorted({f"{r.backend}: {r.reference}" for r in rows})
@@ -164,11 +168,11 @@ def section(cells: list[dict], table, embed: list[str]) -> str:
              "first byte = → the response's status line; engine = the engine's own prompt time (llama.cpp "
              "`timings.prompt_ms` / perf context, vLLM prefill histogram or `RequestOutput.metrics`); interface = "
              "TTFT − client − engine (HTTP, tokenization, chat template, scheduling).",
-             table(breakdown_rows(rows), BREAKDOWN_HEADERS), *embed]
+             table(breakdown_rows(rows), BREAKDOWN_HEADERS), *figure_lines]
     return "\n\n".join(parts)
 
 
-def breakdown_figure(cells: list[dict]):
+def breakdown_figure(cells):
     """Stacked bars of the breakdown per series: hit and miss side by side; a note string when there is none."""
     rows = [r for r in overhead_rows(cells) if r.parts and r.condition in ("cache_hit", "cache_miss")]
     if not rows:
@@ -216,8 +220,6 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Print the harness-overhead table of result folders.")
     ap.add_argument("dirs", nargs="+", type=Path, help="result folders (cell JSON files)")
     args = ap.parse_args(argv)
-    from tabulate import tabulate  # noqa: PLC0415
-
     try:
         cells = load_required(args.dirs)
     except (ValueError, OSError) as exc:
@@ -227,11 +229,20 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("kvmatrix: error: no calibrated cells in these folders; run them with the control on", file=sys.stderr)
         return 2
-    print(tabulate(table_rows(rows), headers=HEADERS, tablefmt="github", disable_numparse=True))
+    print(table(table_rows(rows), HEADERS))
     print()
-    print(tabulate(breakdown_rows(rows), headers=BREAKDOWN_HEADERS, tablefmt="github", disable_numparse=True))
+    print(table(breakdown_rows(rows), BREAKDOWN_HEADERS))
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+FIGURES = (
+    FigureSpec("fig7_ttft_breakdown", "TTFT breakdown: client / interface / engine", "calibration",
+               lambda ev: breakdown_figure(ev.cells),
+               "Median parts of the streaming TTFT per backend, hit and miss: client time before the request left, "
+               "the interface (HTTP, tokenization, chat template, scheduling) and the engine's own prompt time."),
+)
+

@@ -5,7 +5,8 @@ the calibration trials, the settings of each cell); a finding whose cells are mi
 
 * the four-phase table: per model and config, hit / miss median TTFT [95% CI] and verified trials
   of phase 1 (vLLM server), 2 (vLLM in-process), 3a (llama-server), 3b (llama-cpp-python), at the
-  baseline settings (flash attention off, no host-RAM prompt cache);
+  baseline settings (flash attention off, no host-RAM prompt cache); a column more for each other
+  catalogue phase the cells hold (the token-id interfaces 1t, 3t), titles from ``kvmatrix.catalog``;
 * what a miss costs per engine: miss - hit [CI] per config, and ms per recomputed token (least
   squares over every verified measured trial of the backend and model);
 * server vs in-process per engine: the hit-TTFT difference [CI], next to the harness overhead of
@@ -21,20 +22,25 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kvmatrix.analysis.calibration import ci_text
+from kvmatrix import catalog
+from kvmatrix.analysis.experiments import batch_sweep, invalidation
+from kvmatrix.analysis.experiments.invalidation import Row
+from kvmatrix.analysis.fmt import NA, ci_text, md_table
+from kvmatrix.analysis.labels import config_key, phase_title, server_inprocess_pairs, table_phases
+from kvmatrix.analysis.load import as_docs
 from kvmatrix.analysis.stats import compare, linear_fit, summarize
-from kvmatrix.analysis.summary import Row, build_rows, build_sweep, config_key
 
-PHASE_NAMES = {"1": "vLLM server", "2": "vLLM in-process", "3a": "llama-server", "3b": "llama-cpp-python"}
-PAIRS = (("1", "2", "vLLM"), ("3a", "3b", "llama.cpp"))
+#: the llama.cpp interfaces' phases (flash attention is a llama.cpp setting)
+LLAMA_PHASES = tuple(dict.fromkeys(i.phase for i in catalog.INTERFACES if i.family == "llama"))
+COUNT_WORDS = {4: "four", 5: "five", 6: "six"}
 
 
 def _model(row: Row) -> str:
-    return str((row.cell.get("model") or {}).get("name") or "?")
+    return row.model
 
 
 def _req(row: Row) -> dict:
-    return (row.cell.get("runtime") or {}).get("requested") or {}
+    return row.requested
 
 
 def _baseline(row: Row) -> bool:
@@ -46,7 +52,7 @@ def diff_text(a: list[float], b: list[float], digits: int = 2) -> tuple[str, flo
     """b - a as a difference of medians with its bootstrap CI."""
     c = compare(a, b)
     if c.diff is None:
-        return "—", None
+        return NA, None
     ci = f" [{c.diff_ci[0]:+.{digits}f}, {c.diff_ci[1]:+.{digits}f}]" if c.diff_ci else ""
     return f"{c.diff:+.{digits}f}{ci} ms", c.diff
 
@@ -71,10 +77,12 @@ class Phases:
 
 
 def four_phase(rows: list[Row]) -> list[Phases]:
-    """Baseline rows by (model, config, tag) -> phase -> row (the first row of a phase when several)."""
+    """Baseline rows by (model, config, tag) -> phase -> row (the first row of a phase when several), for the
+    phases of ``labels.table_phases``."""
+    phases = table_phases(r.phase for r in rows if _baseline(r))
     table: dict[tuple, dict[str, Row]] = {}
     for r in rows:
-        if _baseline(r) and r.phase in PHASE_NAMES:  # rows are sorted by series: the plain label comes first
+        if _baseline(r) and r.phase in phases:  # rows are sorted by series: the plain label comes first
             key = (_model(r), (r.a, r.b), _tag(r))
             table.setdefault(key, {}).setdefault(r.phase, r)
     out = [Phases(m, cfg, ph, tag) for (m, cfg, tag), ph in table.items()]
@@ -87,23 +95,29 @@ def _verified(row: Row) -> str:
            f"{row.hit.get('n_trials', 0) + row.miss.get('n_trials', 0)}"
 
 
-def four_phase_table(table) -> list[str]:
+def table_columns(table: list[Phases]) -> tuple[str, ...]:
+    """The phase columns of the four-phase table: the seeds' four, and any other phase the table holds."""
+    return table_phases(p for t in table for p in t.rows)
+
+
+def four_phase_table(table: list[Phases]) -> list[str]:
     tagged = any(t.tag for t in table)  # a matrix of releases / runtimes: one row per engine release and runtime
-    lines = ["| Model | A/B | " + ("Release (runtime) | " if tagged else "")
-             + " | ".join(f"{p} {PHASE_NAMES[p]} hit / miss (ms)" for p in PHASE_NAMES)
-             + " | Verified (all phases) |", "|" + "---|" * (3 + tagged + len(PHASE_NAMES))]
+    phases = table_columns(table)
+    header = ["Model", "A/B", *(["Release (runtime)"] if tagged else []),
+              *(f"{p} {phase_title(p)} hit / miss (ms)" for p in phases), "Verified (all phases)"]
+    body = []
     for t in table:
         cells, ver, total = [f"`{t.tag}`"] if tagged else [], 0, 0
-        for p in PHASE_NAMES:
+        for p in phases:
             r = t.rows.get(p)
             if r is None:
-                cells.append("—" if t.tag else "not run")  # a tagged row holds one engine family's phases
+                cells.append(NA if t.tag else "not run")  # a tagged row holds one engine family's phases
                 continue
             cells.append(f"{ci_text(r.summary('hit'))} / {ci_text(r.summary('miss'))}")
             ver += r.hit.get("verified_trials", 0) + r.miss.get("verified_trials", 0)
             total += r.hit.get("n_trials", 0) + r.miss.get("n_trials", 0)
-        lines.append(f"| {t.model} | {t.config[0]}/{t.config[1]} | " + " | ".join(cells) + f" | {ver}/{total} |")
-    return lines
+        body.append([t.model, f"{t.config[0]}/{t.config[1]}", *cells, f"{ver}/{total}"])
+    return md_table(header, body).split("\n")
 
 
 def _recomputed(t: dict) -> int | None:
@@ -153,7 +167,7 @@ def server_vs_inprocess(rows: list[Row]) -> list[str]:
     out = []
     base = [r for r in rows if _baseline(r)]
     for model, tag in sorted({(_model(r), _pair_tag(r)) for r in base}):
-        for server, inproc, engine in PAIRS:
+        for server, inproc, engine in server_inprocess_pairs():
             s = [r for r in base if _model(r) == model and _pair_tag(r) == tag and r.phase == server]
             b = [r for r in base if _model(r) == model and _pair_tag(r) == tag and r.phase == inproc]
             if not s or not b:
@@ -171,7 +185,7 @@ def server_vs_inprocess(rows: list[Row]) -> list[str]:
             inproc_tmpl = _template(b)
             if inproc_tmpl != "not measured":
                 inproc_tmpl += " in process"
-            elif inproc == "2":
+            elif not any(i.has("token_control") for i in catalog.phases()[inproc]):
                 inproc_tmpl = "nothing in process (that path already takes token ids)"
             out.append(
                 head + f" Harness overhead (harness − reference client) on a hit: {_overhead(s)} on the server "
@@ -211,7 +225,7 @@ def ram_cache(rows: list[Row]) -> list[str]:
 def flash_attention(rows: list[Row]) -> list[str]:
     out = []
     for model in sorted({_model(r) for r in rows}):
-        for phase in ("3a", "3b"):
+        for phase in LLAMA_PHASES:
             for r in _pick(rows, model, phase, lambda q: q.get("flash_attn") and not q.get("cache_ram_mib")):
                 off = [x for x in _pick(rows, model, phase, lambda q: not q.get("flash_attn") and not q.get("cache_ram_mib"))
                        if (x.a, x.b) == (r.a, r.b)]
@@ -219,21 +233,20 @@ def flash_attention(rows: list[Row]) -> list[str]:
                     continue
                 dm, _ = diff_text(off[0].values("miss"), r.values("miss"))
                 dh, _ = diff_text(off[0].values("hit"), r.values("hit"))
-                out.append(f"- **{model}, {phase} {PHASE_NAMES[phase]} {r.config}**: flash attention on changes the miss "
+                out.append(f"- **{model}, {phase} {phase_title(phase)} {r.config}**: flash attention on changes the miss "
                            f"by {dm} ({ci_text(off[0].summary('miss'))} → {ci_text(r.summary('miss'))} ms) and the "
                            f"hit by {dh}.")
     return out
 
 
-def batch_size(cells: list[dict]) -> list[str]:
-    points = build_sweep(cells)
+def batch_size(points: list[batch_sweep.SweepPoint]) -> list[str]:
     if not points:
         return ["- Not measured in these cells (no batch_sweep cells)."]
     out = []
     by: dict[str, list] = {}
     for p in points:
-        model = (p.cell.get("model") or {}).get("name") or "?"
-        by.setdefault(f"{model}, {p.cell.get('phase')} {p.series}", []).append(p)
+        model = p.cell.model.name or "?"
+        by.setdefault(f"{model}, {p.cell.phase} {p.series}", []).append(p)
     for name, ps in sorted(by.items()):
         ps = sorted(ps, key=lambda p: p.n_batch)
         text = ", ".join(f"n_batch {p.n_batch}: {ci_text(p.summary)} ms" for p in ps)
@@ -241,16 +254,33 @@ def batch_size(cells: list[dict]) -> list[str]:
     return out
 
 
-def section(cells: list[dict], h100: bool = False) -> str:
-    rows = build_rows(cells)
+def other_gpu(cells) -> bool:
+    """Whether the cells ran on a GPU other than the H100 (the H100 claims are then checked)."""
+    gpus = {str((c.provenance.gpu or {}).get("name")) for c in cells if c.provenance.gpu}
+    return bool(gpus) and not all("H100" in g for g in gpus)
+
+
+def sections(ev, figures) -> list[str]:
+    return [_section(ev.rows, ev.sweep, other_gpu(ev.cells))]
+
+
+def section(cells, h100: bool = False) -> str:
+    """The findings section ("" without ok invalidation cells); ``h100``: check the H100 claims too."""
+    cells = as_docs(cells)
+    return _section(invalidation.build(cells), batch_sweep.build(cells), h100)
+
+
+def _section(rows: list[Row], sweep: list, h100: bool) -> str:
     if not rows:
         return ""
     table = four_phase(rows)
+    count = len(table_columns(table))
     parts = ["## Findings (generated from these cells)", "",
              "Every number below is computed from the result files in this folder: medians over the measured "
              "(non-warm-up) trials with 95% bootstrap CIs; differences are differences of medians with their "
              "bootstrap CI. Baseline settings: flash attention off, host-RAM prompt cache off.", "",
-             "### The four phases: cache hit vs cache miss TTFT (ms)", "", *four_phase_table(table), "",
+             f"### The {COUNT_WORDS.get(count, count)} phases: cache hit vs cache miss TTFT (ms)", "",
+             *four_phase_table(table), "",
              "### What a miss costs, per engine", "", *miss_cost(rows), "",
              "### Server vs in-process, separated from harness overhead", "",
              *(server_vs_inprocess(rows) or ["- Needs both paths of one engine on one model."]), "",
@@ -258,10 +288,10 @@ def section(cells: list[dict], h100: bool = False) -> str:
              *(ram_cache(rows) or ["- Not measured in these cells (no --cache-ram cells beside a baseline)."]), "",
              "### Flash attention", "",
              *(flash_attention(rows) or ["- Not measured in these cells (no flash-attention-on cells)."]), "",
-             "### Batch size", "", *batch_size(cells)]
+             "### Batch size", "", *batch_size(sweep)]
     if h100:
         parts += ["", "### The H100 findings (2026-11-22), checked here", "",
-                  *h100_check(rows, bool(build_sweep(cells)))]
+                  *h100_check(rows, bool(sweep))]
     return "\n".join(parts)
 
 

@@ -34,6 +34,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from kvmatrix.analysis import fmt
+from kvmatrix.analysis.load import as_doc
+from kvmatrix.runners.document import CellDoc
+
 BYTES_PER_WEIGHT = {"f32": 4.0, "fp32": 4.0, "float32": 4.0, "f16": 2.0, "fp16": 2.0, "float16": 2.0,
                     "bf16": 2.0, "bfloat16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 DEFAULT_QUANT = "f16"
@@ -66,11 +70,11 @@ def _num(v) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
 
 
-def gpu_name(cell: dict) -> str | None:
+def gpu_name(cell: CellDoc | dict) -> str | None:
     """The GPU name in the provenance (``gpu.name``, a list of GPUs, a string, or ``host.gpu``)."""
-    prov = cell.get("provenance") or {}
-    for g in (prov.get("gpu"), prov.get("gpu_name"), (prov.get("host") or {}).get("gpu")
-              if isinstance(prov.get("host"), dict) else None):
+    prov = as_doc(cell).provenance
+    for g in (prov.gpu, prov.get("gpu_name"), (prov.host or {}).get("gpu")
+              if isinstance(prov.host, dict) else None):
         if isinstance(g, list) and g:
             g = g[0]
         if isinstance(g, dict):
@@ -80,34 +84,29 @@ def gpu_name(cell: dict) -> str | None:
     return None
 
 
-def _runtime(cell: dict, key: str):
-    rt = cell.get("runtime") or {}
-    eff, req = rt.get("effective") or {}, rt.get("requested") or {}
-    return eff.get(key, req.get(key))
-
-
-def runs_on_gpu(cell: dict) -> bool:
-    prov = cell.get("provenance") or {}
+def runs_on_gpu(cell: CellDoc | dict) -> bool:
+    cell = as_doc(cell)
     if gpu_name(cell) is None:
         return False
-    if _runtime(cell, "n_gpu_layers") == 0 or prov.get("build_cuda") is False:
+    if cell.runtime.value("n_gpu_layers") == 0 or cell.provenance.build_cuda is False:
         return False
     return True
 
 
-def cpu_threads(cell: dict) -> int | None:
-    prov = cell.get("provenance") or {}
-    host = prov.get("host") if isinstance(prov.get("host"), dict) else {}
+def cpu_threads(cell: CellDoc | dict) -> int | None:
+    cell = as_doc(cell)
+    host = cell.provenance.host if isinstance(cell.provenance.host, dict) else {}
     cpus = _num(host.get("cpus"))
-    threads = _num(_runtime(cell, "n_threads_batch")) or _num(_runtime(cell, "n_threads"))
+    threads = _num(cell.runtime.value("n_threads_batch")) or _num(cell.runtime.value("n_threads"))
     if threads and cpus:
         return int(min(threads, cpus))
     return int(threads or cpus) if (threads or cpus) else None
 
 
-def device_peak(cell: dict) -> tuple[DevicePeak | None, str]:
+def device_peak(cell: CellDoc | dict) -> tuple[DevicePeak | None, str]:
     """The cell's device peak, or None and the reason."""
-    prov = cell.get("provenance") or {}
+    cell = as_doc(cell)
+    prov = cell.provenance
     if runs_on_gpu(cell):
         name = gpu_name(cell)
         for pattern, peak in GPU_PEAKS:
@@ -115,11 +114,11 @@ def device_peak(cell: dict) -> tuple[DevicePeak | None, str]:
                 return peak, ""
         return None, f"GPU {name!r} is not in the peak table"
     cores = cpu_threads(cell)
-    flops, bw = _num(prov.get("cpu_peak_gflops")), _num(prov.get("cpu_peak_gbps"))
+    flops, bw = _num(prov.cpu_peak_gflops), _num(prov.cpu_peak_gbps)
     if flops is None and cores is None:
         return None, "no CPU count or measured CPU peak in the provenance"
     lanes = 16
-    sysinfo = str(prov.get("system_info") or "")
+    sysinfo = str(prov.system_info or "")
     if "AVX2 = 1" in sysinfo and "AVX512 = 1" not in sysinfo:
         lanes = 8
     est = flops is None or bw is None
@@ -139,19 +138,20 @@ class ModelShape:
     notes: tuple[str, ...] = ()
 
 
-def model_shape(cell: dict) -> tuple[ModelShape | None, str]:
+def model_shape(cell: CellDoc | dict) -> tuple[ModelShape | None, str]:
     """Parameters, layers, hidden size and weight format of the cell's model, or None and why."""
-    model = cell.get("model") or {}
-    params = _num(model.get("params"))
+    cell = as_doc(cell)
+    model = cell.model
+    params = _num(model.params)
     if params is None:
         return None, "model.params not recorded"
-    preset = ((cell.get("provenance") or {}).get("model_manifest") or {}).get("preset") or {}
-    layers = _num(model.get("n_layers")) or _num(model.get("num_layers")) or _num(preset.get("num_layers"))
-    hidden = _num(model.get("hidden_size")) or _num(preset.get("hidden_size"))
+    preset = (cell.provenance.model_manifest or {}).get("preset") or {}
+    layers = _num(model.n_layers) or _num(model.get("num_layers")) or _num(preset.get("num_layers"))
+    hidden = _num(model.hidden_size) or _num(preset.get("hidden_size"))
     notes = []
-    quant = model.get("quant") or model.get("dtype") or _runtime(cell, "dtype")
+    quant = model.quant or model.get("dtype") or cell.runtime.value("dtype")
     if not quant:
-        m = re.search(r"(f32|f16|bf16|q8_0|q4_0)", str(model.get("file") or model.get("gguf") or ""), re.IGNORECASE)
+        m = re.search(r"(f32|f16|bf16|q8_0|q4_0)", str(model.file or model.gguf or ""), re.IGNORECASE)
         quant = m.group(1) if m else None
     quant = str(quant).lower() if quant else None
     if quant not in BYTES_PER_WEIGHT:
@@ -195,8 +195,9 @@ class Floor:
         return "compute" if self.compute_ms >= self.memory_ms else "memory"
 
 
-def floor(cell: dict, recomputed: float, cached: float = 0.0) -> tuple[Floor | None, str]:
+def floor(cell: CellDoc | dict, recomputed: float, cached: float = 0.0) -> tuple[Floor | None, str]:
     """Roofline floor of prefilling ``recomputed`` tokens after ``cached`` on the cell's device."""
+    cell = as_doc(cell)
     peak, why = device_peak(cell)
     if peak is None:
         return None, why
@@ -209,3 +210,76 @@ def floor(cell: dict, recomputed: float, cached: float = 0.0) -> tuple[Floor | N
     notes = shape.notes + (("device peak estimated from the CPU count",) if peak.source == "estimate" else ())
     return Floor(peak, shape, recomputed, cached, flops, attn, nbytes,
                  flops / peak.flops * 1e3, nbytes / peak.bandwidth * 1e3, notes), ""
+
+
+def ratio(achieved_ms: float | None, fl: Floor | None) -> float | None:
+    """Achieved time / floor; None without either."""
+    if achieved_ms is None or fl is None or fl.ms <= 0:
+        return None
+    return achieved_ms / fl.ms
+
+
+def floor_text(fl: tuple[Floor | None, str]) -> str:
+    """A floor in ms for a table, * when the device peak is an estimate."""
+    f = fl[0]
+    return fmt.NA if f is None else f"{f.ms:.2f}" + ("*" if f.device.source == "estimate" else "")
+
+
+# ---------------------------------------------------------------- the report section
+
+
+SECTION_HEAD = (
+    "## Roofline floor\n\n"
+    "The least time the cell's device could take to prefill the tokens a query recomputes "
+    "(r = prompt − cached tokens, c = cached tokens; medians over the condition's measured trials):\n\n"
+    "- FLOPs = 2 · params · r + 4 · n_layers · hidden · r · (c + (r + 1) / 2) — every weight once per token, "
+    "plus causal attention (QKᵀ and A·V, 2 · hidden · p FLOPs each for a token at position p, per layer);\n"
+    "- bytes = params · bytes per weight (f32 4, f16/bf16 2, q8_0 1.0625, q4_0 0.5625), weights read once, "
+    "KV-cache traffic ignored;\n"
+    "- floor = max(FLOPs / peak FLOP/s, bytes / peak bandwidth).\n\n"
+    "Peaks: GPU by name (dense fp16/bf16 tensor-core peak and HBM bandwidth from the data sheets: "
+    + ", ".join(f"{p.name} {p.flops / 1e12:.0f} TFLOP/s, {p.bandwidth / 1e12:.2f} TB/s" for _, p in GPU_PEAKS)
+    + "). CPU runs use `provenance.cpu_peak_gflops` / `cpu_peak_gbps` when the runner measured them, else "
+    f"an **estimate** (marked *): {CPU_GFLOPS_PER_CORE:.0f} GFLOP/s per prompt-processing thread "
+    "(3.5 GHz × 2 FMA × 16 fp32 lanes × 2; half without AVX-512) and "
+    f"{CPU_GBPS_PER_CORE:.0f} GB/s per thread. The estimate errs fast, so the floor errs low. "
+    "2 · params · r counts the embedding and output matrices for every token, which an engine computing "
+    "logits for the last token only does not do: for models whose embeddings are a large share of the "
+    "parameters the floor is slightly high.\n\n"
+)
+
+
+def sections(ev, figures) -> list[str]:
+    """The "Roofline floor" section: the floor of every invalidation miss, scan point and sweep point."""
+    rows, missing, below = [], [], []
+    entries = [(r.cell_id, "miss", r.floor, r.summary("miss").median) for r in ev.rows]
+    entries += [(p.cell_id, f"scan kept={p.kept}", p.floor, p.summary.median) for p in ev.scan]
+    entries += [(p.cell_id, "miss", p.floor, p.summary.median) for p in ev.sweep]
+    for cid, cond, (f, why), achieved in entries:
+        if f is None:
+            missing.append(f"{cid} ({cond}): {why}")
+            continue
+        dev = f.device
+        rows.append({
+            "Cell": cid, "Query": cond,
+            "Device (peak)": f"{dev.name}{' *' if dev.source == 'estimate' else ''} "
+                             f"({dev.flops / 1e12:.3g} TFLOP/s, {dev.bandwidth / 1e9:.4g} GB/s)",
+            "Model": f"{fmt.params_text(f.shape.params)} params, {f.shape.quant}",
+            "Recomputed / cached (tok)": f"{f.recomputed:.0f} / {f.cached:.0f}",
+            "GFLOP (of which attention)": f"{fmt.num(f.flops / 1e9)} ({fmt.num(f.attention_flops / 1e9)})",
+            "MB read": fmt.num(f.bytes / 1e6),
+            "Compute / memory time (ms)": f"{fmt.num(f.compute_ms)} / {fmt.num(f.memory_ms)}",
+            "Floor (ms)": f"{fmt.num(f.ms)} ({f.bound})",
+            "Achieved median (ms)": fmt.ms(achieved), "Achieved / floor": fmt.ratio_text(ratio(achieved, f)),
+            "Notes": "; ".join(n for n in f.notes if "estimated" not in n) or fmt.NA,
+        })
+        if (q := ratio(achieved, f)) is not None and q < 1:
+            below.append(f"{cid} ({cond})")
+    text = SECTION_HEAD + (fmt.table(rows) if rows else "No floor could be computed.")
+    if below:
+        text += ("\n\n**Faster than the floor** (achieved / floor < 1), so the floor's inputs are wrong for: "
+                 + "; ".join(below) + ". Check the model shape and the device peak (an estimated CPU peak "
+                 "can be low for a wide-vector or many-core CPU: have the runner record `cpu_peak_gflops`).")
+    if missing:
+        text += "\n\nNo floor: " + "; ".join(missing) + "."
+    return [text]

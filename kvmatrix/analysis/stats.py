@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvmatrix.analysis.fmt import fmt_p  # noqa: F401 - the p-value format lives with the others
+
 N_BOOT = 10_000
 SEED = 20240611
 CI_LEVEL = 95.0
@@ -277,14 +279,3 @@ def linear_fit(x, y) -> Fit | None:
     ss_res = float(np.sum((ys - (slope * xs + intercept)) ** 2))
     r2 = 1 - ss_res / ss_tot if ss_tot > 0 else None
     return Fit(float(slope), float(intercept), r2, len(xs))
-
-
-def fmt_p(p: float | None) -> str:
-    """p-value for a table: 3 significant digits, '< 1e-6' below that."""
-    if p is None:
-        return "—"
-    if p < 1e-6:
-        return "< 1e-6"
-    if p < 0.001:
-        return f"{p:.2e}"
-    return f"{p:.3f}"

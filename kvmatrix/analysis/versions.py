@@ -26,12 +26,19 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from kvmatrix.analysis.calibration import ci_text
+from kvmatrix.analysis.figure import FigureSpec, embed
+from kvmatrix.analysis.fmt import NA, ci_text, table
+from kvmatrix.analysis.labels import config_key, family_title, phase_key, settings_text
+from kvmatrix.analysis.load import as_docs
 from kvmatrix.analysis.stats import Summary
-from kvmatrix.analysis.summary import SERIES_ATTRS, Row, config_key, phase_key, trial_blocks, verified_count
+from kvmatrix.analysis.trials import verified_count
+from kvmatrix.runners.document import CellDoc, Provenance
 
-NA = "—"
+if TYPE_CHECKING:
+    from kvmatrix.analysis.experiments.invalidation import Row
+
 LOG_RATIO = 20  # fig8: log TTFT axis when the panel's largest / smallest median exceeds this
 RUNTIMES = ("host", "docker")
 #: rendered items that change from start to start or name a path, never a release difference
@@ -51,26 +58,22 @@ class Release:
     key: tuple  # sort key: version number first
 
 
-def family_of(cell: dict) -> str | None:
-    backend = str(cell.get("backend") or "")
-    if backend.startswith("vllm"):
-        return "vLLM"
-    if backend.startswith("llamacpp"):
-        return "llama.cpp"
-    return None
+def family_of(cell: CellDoc) -> str | None:
+    """"llama.cpp" | "vLLM": the catalogue family of the cell's backend."""
+    return family_title(cell.backend)
 
 
-def interface_of(cell: dict) -> str:
+def interface_of(cell: CellDoc) -> str:
     """Backend plus variant (and build), as the label names it without its ``@tag``."""
-    label = str(cell.get("label") or "").split(" @", 1)[0].strip()
+    label = str(cell.label or "").split(" @", 1)[0].strip()
     if label:
         return label
-    variant = cell.get("variant") or ((cell.get("runtime") or {}).get("rendered") or {}).get("variant")
-    return f"{cell.get('backend') or '?'}{'/' + str(variant) if variant else ''}"
+    variant = cell.get("variant") or (cell.runtime.rendered or {}).get("variant")
+    return f"{cell.backend or '?'}{'/' + str(variant) if variant else ''}"
 
 
-def runtime_of(cell: dict) -> str:
-    return str((cell.get("provenance") or {}).get("runtime_kind") or "host")
+def runtime_of(cell: CellDoc) -> str:
+    return str(cell.provenance.runtime_kind or "host")
 
 
 def version_key(text: str | None) -> tuple[int, ...]:
@@ -78,10 +81,10 @@ def version_key(text: str | None) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", text or ""))
 
 
-def _commit(prov: dict) -> str | None:
-    if prov.get("llama_cpp_commit"):
-        return str(prov["llama_cpp_commit"])
-    m = re.fullmatch(r"b\d+-([0-9a-f]+)", str(prov.get("engine_build_info") or ""))
+def _commit(prov: Provenance) -> str | None:
+    if prov.llama_cpp_commit:
+        return str(prov.llama_cpp_commit)
+    m = re.fullmatch(r"b\d+-([0-9a-f]+)", str(prov.engine_build_info or ""))
     return m.group(1) if m else None
 
 
@@ -92,25 +95,25 @@ def _tag(source) -> str | None:
     return str(source).removeprefix("vendored:")
 
 
-def releases(cells: list[dict]) -> list[Release | None]:
+def releases(cells) -> list[Release | None]:
     """The release of each cell (None: not an engine family, or no version recorded).
 
     llama.cpp cells of one commit are one release, whichever interface recorded the bindings version."""
     idents: list[tuple[str, str] | None] = []
     bindings: dict[str, str] = {}
     tags: dict[str, str] = {}
-    for c in cells:
-        prov, fam = c.get("provenance") or {}, family_of(c)
+    for c in as_docs(cells):
+        prov, fam = c.provenance, family_of(c)
         if fam == "vLLM":
-            v = prov.get("vllm_version") or ((c.get("runtime") or {}).get("rendered") or {}).get("vllm_version")
+            v = prov.vllm_version or (c.runtime.rendered or {}).get("vllm_version")
             idents.append((fam, str(v)) if v else None)
         elif fam == "llama.cpp":
-            ident = _commit(prov) or _tag(prov.get("llama_cpp_source"))
+            ident = _commit(prov) or _tag(prov.llama_cpp_source)
             idents.append((fam, ident) if ident else None)
-            if ident and prov.get("llama_cpp_python_version"):
-                bindings.setdefault(ident, str(prov["llama_cpp_python_version"]))
-            if ident and _tag(prov.get("llama_cpp_source")):
-                tags.setdefault(ident, _tag(prov.get("llama_cpp_source")))
+            if ident and prov.llama_cpp_python_version:
+                bindings.setdefault(ident, str(prov.llama_cpp_python_version))
+            if ident and _tag(prov.llama_cpp_source):
+                tags.setdefault(ident, _tag(prov.llama_cpp_source))
         else:
             idents.append(None)
     out: list[Release | None] = []
@@ -141,7 +144,7 @@ class Entry:
     runtime: str
 
     @property
-    def cell(self) -> dict:
+    def cell(self) -> CellDoc:
         return self.row.cell
 
 
@@ -184,7 +187,7 @@ TTFT_HEADERS = ["Release", "Interface", "Runtime", "A/B (tok)", "Hit TTFT (ms) m
 
 
 def _settings(e: Entry) -> str:
-    return SERIES_ATTRS["settings"](e.cell) or NA
+    return settings_text(e.cell) or NA
 
 
 def ttft_rows(entries: list[Entry]) -> tuple[list[str], list[list[str]]]:
@@ -249,10 +252,10 @@ def parse_argv(argv: list) -> dict[str, str]:
     return out
 
 
-def rendered_settings(cell: dict) -> dict[str, str]:
+def rendered_settings(cell: CellDoc) -> dict[str, str]:
     """What kvmatrix rendered for the engine: argv flags (servers) or constructor kwargs (in process),
     plus the ``VLLM_*`` environment as ``env VLLM_X``; volatile and path items left out."""
-    rendered = (cell.get("runtime") or {}).get("rendered") or {}
+    rendered = cell.runtime.rendered or {}
     if rendered.get("argv"):
         out = parse_argv(rendered["argv"])
     else:
@@ -309,14 +312,14 @@ def gaps(entries: list[Entry]) -> list[Gaps]:
             mine = [e for e in entries if e.release == rel and e.interface == iface]
             if not mine:
                 continue
-            runtime = [(e.cell.get("runtime") or {}) for e in mine]
+            runtime = [e.cell.runtime for e in mine]
             out.append(Gaps(
                 rel, iface, sorted({e.runtime for e in mine}, key=_runtime_order),
-                sorted({str(u) for r in runtime for u in r.get("unverified") or []}),
-                sorted({str(s) for r in runtime if (s := (r.get("effective") or {}).get("cached_tokens_source"))}
-                       | {str(s) for e in mine for _, trials in trial_blocks(e.cell) for t in trials
+                sorted({str(u) for r in runtime for u in r.unverified}),
+                sorted({str(s) for r in runtime if (s := r.effective.get("cached_tokens_source"))}
+                       | {str(s) for e in mine for _, trials in e.cell.trial_blocks() for t in trials
                           if (s := t.get("cached_tokens_source"))}),
-                sorted({(str(k), str(v)) for r in runtime for k, v in (r.get("release_gaps") or {}).items()}),
+                sorted({(str(k), str(v)) for r in runtime for k, v in (r.release_gaps or {}).items()}),
             ))
     return out
 
@@ -327,17 +330,16 @@ def gaps(entries: list[Entry]) -> list[Gaps]:
 def _identified_by(entries: list[Entry]) -> str:
     found = []
     for e in entries:
-        prov = e.cell.get("provenance") or {}
+        prov = e.cell.provenance
         if e.release.family == "vLLM":
-            found += [f"vLLM {prov.get('vllm_version') or e.release.ident}"]
-            row = prov.get("vllm_flag_table_row") or ((e.cell.get("runtime") or {}).get("rendered") or {}).get(
-                "flag_table_row")
+            found += [f"vLLM {prov.vllm_version or e.release.ident}"]
+            row = prov.vllm_flag_table_row or (e.cell.runtime.rendered or {}).get("flag_table_row")
             found += [f"flag table {row}"] if row else []
         else:
-            found += [f"source {prov['llama_cpp_source']}"] if prov.get("llama_cpp_source") else []
+            found += [f"source {prov.llama_cpp_source}"] if prov.llama_cpp_source else []
             found += [f"commit {_commit(prov)}"] if _commit(prov) else []
-            found += [f"bindings {prov['llama_cpp_python_version']}"] if prov.get("llama_cpp_python_version") else []
-            found += [f"build_info {prov['engine_build_info']}"] if prov.get("engine_build_info") else []
+            found += [f"bindings {prov.llama_cpp_python_version}"] if prov.llama_cpp_python_version else []
+            found += [f"build_info {prov.engine_build_info}"] if prov.engine_build_info else []
     return ", ".join(dict.fromkeys(found)) or NA
 
 
@@ -350,7 +352,7 @@ def _release_rows(entries: list[Entry]) -> list[list[str]]:
     return out
 
 
-def _family_text(fam: str, entries: list[Entry], table) -> str:
+def _family_text(fam: str, entries: list[Entry]) -> str:
     rels = _releases(entries)
     headers, rows = ttft_rows(entries)
     parts = [f"### {fam}: " + " → ".join(r.label for r in rels),
@@ -373,9 +375,13 @@ def _family_text(fam: str, entries: list[Entry], table) -> str:
     return "\n\n".join(parts)
 
 
-def section(rows: list[Row], table, embed: list[str]) -> str:
+def sections(ev, figures) -> list[str]:
+    return [section(ev.rows, embed(figures, "versions"))]
+
+
+def section(rows: list[Row], figure_lines: list[str] = ()) -> str:
     """The report's "Versions" section ("" when no engine family ran on two releases); ``rows`` are the
-    evidence's invalidation rows, ``table`` renders a table, ``embed`` the figure lines."""
+    evidence's invalidation rows, ``figure_lines`` the embedded figures' markdown."""
     fams = families(rows)
     if not fams:
         return ""
@@ -396,7 +402,7 @@ def section(rows: list[Row], table, embed: list[str]) -> str:
             "(`runtime.unverified`, union over the cells), where the cached-token count came from "
             "(`runtime.effective.cached_tokens_source`), and what the release lacks with what kvmatrix did "
             "instead (`runtime.release_gaps`).")
-    return "\n\n".join([head, *(_family_text(f, e, table) for f, e in fams.items()), *embed])
+    return "\n\n".join([head, *(_family_text(f, e) for f, e in fams.items()), *figure_lines])
 
 
 # ---------------------------------------------------------------- fig8
@@ -420,7 +426,8 @@ def figure(rows: list[Row]):
     from matplotlib.figure import Figure  # noqa: PLC0415 - no pyplot (as figures.py)
     from matplotlib.lines import Line2D  # noqa: PLC0415
 
-    from kvmatrix.analysis.figures import _err, series_color, wrap  # noqa: PLC0415 - figures imports this module
+    from kvmatrix.analysis.fmt import wrap  # noqa: PLC0415
+    from kvmatrix.analysis.plot import err, series_color  # noqa: PLC0415 - matplotlib only for the figure
 
     interfaces = list(dict.fromkeys(i for entries in fams.values() for i in _interfaces(entries)))
     runtimes = sorted({e.runtime for entries in fams.values() for e in entries}, key=_runtime_order)
@@ -445,7 +452,7 @@ def figure(rows: list[Row]):
                 pts = [(x, s) for x, s in pts if s.median is not None]
                 if not pts:
                     continue
-                arms = [_err(s, log) for _, s in pts]
+                arms = [err(s, log) for _, s in pts]
                 ax.errorbar([x for x, _ in pts], [s.median for _, s in pts],
                             yerr=[[e[0][0] for e in arms], [e[1][0] for e in arms]], color=colors[iface],
                             linestyle=style, marker=markers[runtime], markersize=6, capsize=3, linewidth=1.2,
@@ -471,3 +478,12 @@ def figure(rows: list[Row]):
                  "points = median, error bars = 95% bootstrap CI of the median", fontsize=11)
     fig.tight_layout(rect=(0, 0.02 + 0.045 * legend_rows, 1, 0.98))
     return fig
+
+
+FIGURES = (
+    FigureSpec("fig8_versions", "TTFT per engine release", "versions", lambda ev: figure(ev.rows),
+               "Median streaming TTFT of the cache hit (dashed, open) and the cache miss (solid, filled) per release, "
+               "one panel per engine family, per interface (colour) and runtime (marker), with 95% bootstrap CIs.",
+               optional=True),
+)
+
