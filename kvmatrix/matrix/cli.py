@@ -62,9 +62,9 @@ def add_runtime(s, matrix: bool) -> None:
 def add_run_options(p: argparse.ArgumentParser, matrix: bool) -> None:
     """Options of ``run`` and ``matrix`` (``matrix`` adds the version axes, runtimes and shards), in groups."""
     e = p.add_argument_group("experiment", "what is measured, and how often")
-    e.add_argument("--phases", default="1,2,3a,3b" if matrix else "3a,3b",
+    e.add_argument("--phases", default=None,
                    help="comma-separated phases: " + ", ".join(f"{p} ({catalog.phase_title(p)})" for p in catalog.phase_ids())
-                        + " (default %(default)s)")
+                        + f" (default {'1,2,3a,3b' if matrix else '3a,3b; with --base-url the engine server phase'})")
     e.add_argument("--experiments", default="invalidation",
                    help="comma-separated: " + ", ".join(
                        e.name + ("" if not e.requires else " (" + "/".join(catalog.phase_title(p) for p in
@@ -141,6 +141,15 @@ def add_run_options(p: argparse.ArgumentParser, matrix: bool) -> None:
     add_reuse_option(g)
 
     add_docker_options(p)
+    if not matrix:
+        x = p.add_argument_group("existing server", "measure a server kvmatrix did not start (nothing is built, "
+                                 "generated or started; its settings are read back from its API and recorded)")
+        x.add_argument("--base-url", default=None, metavar="URL",
+                       help="the server's root URL, e.g. http://127.0.0.1:8080; needs --engine; engine settings "
+                            "options are replaced by what the server reports")
+        x.add_argument("--engine", default=None, choices=["llamacpp", "vllm"],
+                       help="the API the server speaks: llamacpp (llama-server: phases 3a, 3t) or vllm (vLLM "
+                            "OpenAI server: phases 1, 1t)")
 
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="DIR", help="results folder (default results/<run-name>)")

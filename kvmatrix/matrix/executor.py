@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 
 from kvmatrix.matrix import containers, host, llamacpp, provision
+from kvmatrix.matrix.external_host import ExternalHost
 from kvmatrix.matrix.llama_host import LlamaHost
 from kvmatrix.matrix.planner import Plan
 from kvmatrix.matrix.vllm_host import VllmHost
@@ -26,6 +28,8 @@ ENGINE_HOSTS = {"llama": LlamaHost, "vllm": VllmHost}
 
 def execute(args, plan: Plan) -> tuple[list[dict], int]:
     """Run every cell of ``plan``; (cell documents, engine starts)."""
+    if plan.external:
+        return _execute_external(args, plan)
     llama_keys = list(dict.fromkeys([pc.key for pc in plan.cells if pc.family == "llama"] or plan.llama_specs[:1]))
     sources = {k: llamacpp.ensure_source(k, plan.bindings_version) for k in llama_keys}
     converter = next(iter(sources.values()))  # the model's converter comes from the first llama.cpp source
@@ -79,6 +83,25 @@ def _run_runtime(args, plan: Plan, kind: str, sources, model, model_doc: dict, b
                 say(f"removed {n} container(s) of run {plan.run_name}")
     say(f"{provider.kind} runtime: {starts_text(ran.engine_starts)}")
     return ran
+
+
+def _execute_external(args, plan: Plan) -> tuple[list[dict], int]:
+    """Cells on an existing server: identified and read back first (refused in one line), then the one cell loop."""
+    ext = ExternalHost(plan)
+    with tempfile.TemporaryDirectory(prefix="kvmatrix-probe-") as probe_logs:  # nothing in --out before a refusal
+        for url in dict.fromkeys(pc.key for pc in plan.cells):
+            ext.prepare(url, [pc for pc in plan.cells if pc.key == url], Path(probe_logs))
+    common_prov = {"host": host_facts(), "runner_git": runner_git()}
+    run = []
+    for pc in plan.cells:
+        runtime, engine, prov, launch = ext.cell(pc, common_prov)
+        spec = CellSpec(cell_id=pc.cell.cell_id, run=plan.run_name, phase=pc.cell.phase, backend=pc.cell.backend,
+                        model=ext.model_doc(pc.key), runtime=runtime, experiment=plan.experiment(pc.cell),
+                        out_dir=str(plan.out_dir), engine=engine, provenance=prov)
+        run.append((pc.cell, spec, launch))
+    say(f"{len(run)} cells -> {plan.out_dir} [existing server, not started by kvmatrix]")
+    ran = host.run_cells(run, plan.out_dir, args.resume, None, reuse=args.engine_reuse)
+    return ran.docs, ran.engine_starts
 
 
 def provider_for(args, run_name: str, kind: str):

@@ -76,6 +76,11 @@ class Plan:
     def experiment(self, cell: cellmod.Cell) -> ExperimentSpec:
         return self.experiments[(cell.experiment, cell.config.label)]
 
+    @property
+    def external(self) -> bool:
+        """Every cell runs on an existing server (--base-url)."""
+        return bool(self.cells) and all(pc.runtime == "external" for pc in self.cells)
+
     def runtimes(self) -> list[str]:
         return list(dict.fromkeys(pc.runtime for pc in self.cells))
 
@@ -211,8 +216,10 @@ def plan_run(args) -> Plan:
     """``run`` (host, one source / release) and ``matrix`` (lists of both, docker or host, shards)."""
     matrix = args.cmd == "matrix"
     check_numbers(args, RUN_NUMBERS)
+    if getattr(args, "base_url", None) or getattr(args, "engine", None):
+        return plan_external(args)
     engine_args = parse_engine_args(args.engine_arg)
-    phases = cellmod.parse_phases(args.phases)
+    phases = cellmod.parse_phases(args.phases or ("1,2,3a,3b" if matrix else "3a,3b"))
     configs = _configs(args)
     runtime = base_runtime(args)
     exp_names = tuple(cellmod.parse_list(args.experiments, cellmod.EXPERIMENTS, "experiment"))
@@ -228,16 +235,7 @@ def plan_run(args) -> Plan:
     if not matrix and (len(llama_specs) > 1 or len(vllm_versions) > 1):
         fail("run takes one llama.cpp source and one vLLM release; use `matrix` (nox -s matrix) for several")
     check_llama_sources(llama_specs, "--llama" if matrix else "--llama-source")
-    try:
-        scan_points = tuple(float(x) for x in args.scan_points.split(","))
-    except ValueError:
-        raise UserError(f"--scan-points {args.scan_points!r}: give fractions such as 0,0.25,0.5,0.75,1") from None
-    experiments = {(name, c.label): ExperimentSpec(name=name, config=c, num_trials=args.trials,
-                                                   warmup_trials=args.warmup_trials, settle_ms=args.settle_ms,
-                                                   max_output_tokens=args.max_output_tokens,
-                                                   scan_points=scan_points if name == "recompute_scan" else None,
-                                                   keep_warm=args.keep_warm, calibration=args.calibration)
-                   for name in exp_names for c in configs}
+    experiments = _experiments(args, exp_names, configs)
     check_model_arg(args.model)
     for version in vllm_versions:
         vllmenv.check_version(version)
@@ -297,6 +295,61 @@ def plan_run(args) -> Plan:
         say(note)
     return Plan(args.cmd, cells, runtime, experiments, engine_args, llama_specs, bindings_version, run_name, out_dir,
                 which_shard)
+
+
+def _experiments(args, exp_names, configs) -> dict[tuple[str, str], ExperimentSpec]:
+    try:
+        scan_points = tuple(float(x) for x in args.scan_points.split(","))
+    except ValueError:
+        raise UserError(f"--scan-points {args.scan_points!r}: give fractions such as 0,0.25,0.5,0.75,1") from None
+    return {(name, c.label): ExperimentSpec(name=name, config=c, num_trials=args.trials,
+                                            warmup_trials=args.warmup_trials, settle_ms=args.settle_ms,
+                                            max_output_tokens=args.max_output_tokens,
+                                            scan_points=scan_points if name == "recompute_scan" else None,
+                                            keep_warm=args.keep_warm, calibration=args.calibration)
+            for name in exp_names for c in configs}
+
+
+# ---------------------------------------------------------------- an existing server
+
+#: --engine -> catalogue family
+ENGINES = {"llamacpp": "llama", "vllm": "vllm"}
+#: experiments whose axis changes how the server runs: only a server kvmatrix starts can take them
+SERVER_SETTING_AXES = ("n_batch", "n_parallel")
+
+
+def plan_external(args) -> Plan:
+    """``run --base-url URL --engine vllm|llamacpp``: the server phases of that engine on a server kvmatrix did not
+    start. Its settings are read back from its API before any cell (``external_host``); nothing is built."""
+    url, engine = (args.base_url or "").rstrip("/"), args.engine
+    if not url or not engine:
+        fail("--base-url and --engine go together: --base-url http://HOST:PORT --engine vllm|llamacpp")
+    if engine not in ENGINES:
+        fail(f"--engine {engine!r}: use one of {', '.join(ENGINES)} (the API the server at --base-url speaks)")
+    if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(:\d+)?", url):
+        fail(f"--base-url {args.base_url!r}: give the server's root URL, such as http://127.0.0.1:8080")
+    if args.engine_arg:
+        fail(f"--engine-arg: the server at {url} was not started by kvmatrix; pass engine flags when you start it")
+    family = ENGINES[engine]
+    served = [p for p, rows in catalog.phases().items() if rows[0].family == family and rows[0].has("server")]
+    phases = cellmod.parse_phases(args.phases) if args.phases else [p for p in served
+                                                                    if catalog.phases()[p][0].has("chat")]
+    wrong = [p for p in phases if p not in served]
+    if wrong:
+        fail(f"--phases {','.join(wrong)}: a {engine} server at --base-url serves phases {', '.join(served)}")
+    exp_names = tuple(cellmod.parse_list(args.experiments, cellmod.EXPERIMENTS, "experiment"))
+    for name in exp_names:
+        if catalog.experiment(name).axis in SERVER_SETTING_AXES:
+            fail(f"--experiments {name} changes {catalog.experiment(name).axis} between cells, which only a server "
+                 "kvmatrix starts can do; use invalidation or recompute_scan with --base-url")
+    configs = _configs(args)
+    experiments = _experiments(args, exp_names, configs)
+    cells = [PlannedCell("external", family, url, c) for p in phases for c in cellmod.expand([p], configs, exp_names)]
+    if not cells:
+        fail("no cells to run: check --phases and --experiments")
+    run_name, out_dir = _out(args, "run")
+    return Plan(args.cmd, cells, base_runtime(args), experiments, {}, [], None, run_name, out_dir,
+                summary=f"existing {engine} server {url}")
 
 
 # ---------------------------------------------------------------- prefix

@@ -68,8 +68,8 @@ class LlamaCppHttp(ServerBackend):
 
     def __init__(self, cell, log_dir: Path):
         super().__init__(cell, log_dir)
-        self.server = Path(cell.engine["server"])
-        self.model_path = cell.model["gguf"]
+        self.server = Path(cell.engine.get("server") or "llama-server")
+        self.model_path = cell.model.get("gguf")
         self._help: str | None = None
         self._template_cache: dict[str, list[int]] = {}
         #: POST /apply-template exists (newer servers); else the prompt is read back from /slots
@@ -82,6 +82,8 @@ class LlamaCppHttp(ServerBackend):
 
     # -- render ---------------------------------------------------------------
     def help_text(self) -> str:
+        if self._help is None and self.external_url:
+            self._help = ""  # an existing server: its binary is not ours to run; its flags are unknown
         if self._help is None:
             if not self.server.is_file():
                 raise EngineError(f"llama-server not found at {self.server}; build it with nox -s build")
@@ -90,6 +92,8 @@ class LlamaCppHttp(ServerBackend):
         return self._help
 
     def render(self) -> dict:
+        if self.external_url:
+            return self.render_external()
         s, h = self.spec, self.help_text()
         argv = [
             str(self.server), "-m", self.model_path, "--host", HOST, "--port", str(self.port),
@@ -131,6 +135,16 @@ class LlamaCppHttp(ServerBackend):
         self.rendered = {"argv": argv, **self.engine_args_record()}
         return self.rendered
 
+    @classmethod
+    def identify(cls, client) -> dict:
+        """An existing server's model and engine documents, from its API (--base-url; before any cell)."""
+        props = client.get_json("/props")
+        path = props.get("model_path") or ""
+        alias = props.get("model_alias")
+        name = (alias if alias and alias != path else Path(path).name.removesuffix(".gguf")) or "llama-server model"
+        return {"model": {"name": name, "gguf": None, "hf_dir": None, "server_model_path": path or None},
+                "engine": {"build_info": props.get("build_info")}}
+
     # -- start (ServerBackend) ------------------------------------------------
     def ready(self) -> bool:
         return self.client.get_json("/health", timeout_s=2).get("status") == "ok"
@@ -151,7 +165,8 @@ class LlamaCppHttp(ServerBackend):
         m = re.search(r"n_threads\s*=\s*(\d+)\s*\(n_threads_batch\s*=\s*(\d+)\)", log)
         if m:
             eff["n_threads"], eff["n_threads_batch"] = int(m.group(1)), int(m.group(2))
-        eff["cache_ram_mib"] = parse_cache_ram(log, self.spec.cache_ram_mib, "--cache-ram" in self.help_text())
+        if not self.external_url:  # an existing server's --cache-ram shows only in its log, which is not ours
+            eff["cache_ram_mib"] = parse_cache_ram(log, self.spec.cache_ram_mib, "--cache-ram" in self.help_text())
         defaults = props.get("default_generation_settings") or {}
         params = defaults.get("params")
         if params is not None:
@@ -169,7 +184,8 @@ class LlamaCppHttp(ServerBackend):
         eff["prefix_caching"] = self.spec.prefix_caching
         m = re.search(r"^build: (\d+) \((\w+)\)", log, re.M)
         eff["build_info"] = props.get("build_info") or (f"b{m.group(1)}-{m.group(2)}" if m else None)
-        eff["chat_template_source"] = ("gguf" if "--jinja" in self.help_text() else "built-in matcher") \
+        eff["chat_template_source"] = ("the server's (--jinja unknown)" if self.external_url else
+                                       "gguf" if "--jinja" in self.help_text() else "built-in matcher") \
             if props.get("chat_template") else "none"
         self._apply_template = self._has_apply_template()
         if not self._apply_template:
@@ -177,7 +193,35 @@ class LlamaCppHttp(ServerBackend):
                                                   "is read back from /slots (the slot's prompt) and tokenized by "
                                                   "its /tokenize, after each request, outside the timed region")
         self._props = props
+        if self.external_url:  # request-level: every request sends them (the server's defaults are not used)
+            eff["seed"], eff["temperature"] = self.spec.seed, self.spec.temperature
+            self._check_external_isolation()
         return {k: v for k, v in eff.items() if v is not None}
+
+    def _check_external_isolation(self) -> None:
+        """An existing server must forget an evicted prompt, or no miss is a miss: P, then Q, then P again on slot 0
+        (untimed, /completion); a P that comes back cached was kept elsewhere (a host-RAM prompt cache, another
+        slot): refused, naming the flags. A server kvmatrix starts gets -np / --cache-ram from the spec."""
+        def send(words: str) -> int:
+            body = self.client.post_json("/completion", {"prompt": words, "n_predict": 1, "cache_prompt": True,
+                                                         "id_slot": 0, "temperature": 0})
+            return int((body.get("timings") or {}).get("cache_n") or 0)
+
+        try:
+            self.client.get_text("/metrics")  # counters read around requests (and the memory read-out)
+        except HttpError as exc:
+            raise EngineError(f"the llama-server at {self.external_url} has no /metrics (HTTP {exc.status}): start it "
+                              "with --metrics") from None
+        p = " ".join(f"alpha{i} beta{i}" for i in range(96))
+        q = " ".join(f"gamma{i} delta{i}" for i in range(96))
+        send(p)
+        send(q)
+        kept = send(p)
+        if kept > 8:
+            raise EngineError(f"the llama-server at {self.external_url} served an evicted prompt from its cache "
+                              f"({kept} tokens cached after another prompt took slot 0): a host-RAM prompt cache or "
+                              "other slots keep prompts, so misses cannot be isolated; start it with --cache-ram 0 "
+                              "-np 1 (or --kv-unified off)")
 
     def begin_cell(self, cell, reused: bool) -> dict | None:
         """A reused server: one slot needs nothing (every protocol starts with a discarded warm-up that
@@ -198,8 +242,10 @@ class LlamaCppHttp(ServerBackend):
             "engine": "llama-server",
             "engine_build_info": getattr(self, "_props", {}).get("build_info"),
             "system_info": m.group(1).strip() if m else None,
-            "server_binary": str(self.server),
+            "server_binary": None if self.external_url else str(self.server),
             "server_argv": self.rendered.get("argv"),
+            **({"started_by_kvmatrix": False, "base_url": self.external_url,
+                "model_path": getattr(self, "_props", {}).get("model_path")} if self.external_url else {}),
         }
 
     # -- tokens ---------------------------------------------------------------

@@ -787,7 +787,9 @@ class VllmBackend(Backend):
         #: server, keywords in process) goes after what kvmatrix renders
         self.option_overrides, self.engine_rest = self.split_engine_args()
         self.opts = with_overrides(EngineOptions.from_engine(cell.engine), self.option_overrides)
-        self.model_dir = check_model_dir(cell.model.get("hf_dir"), cell.model.get("name", ""))
+        #: an existing server (--base-url) loaded its own model: there is no folder of ours to check
+        self.model_dir = None if cell.engine.get("base_url") else check_model_dir(cell.model.get("hf_dir"),
+                                                                                 cell.model.get("name", ""))
         self.run_dir: Path | None = None
         self.requests_log = log_dir / f"{cell.cell_id}.requests.jsonl"
         self.settings: dict = {}

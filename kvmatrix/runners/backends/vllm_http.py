@@ -62,6 +62,8 @@ class VllmHttp(ServerBackend, vc.VllmBackend):
 
     # -- render ---------------------------------------------------------------
     def render(self) -> dict:
+        if self.external_url:
+            return self.render_external()
         self.settings = vc.engine_settings(self.flags, self.spec, self.opts, self.model_dir)
         argv = vc.server_argv(self.flags, self.settings, str(self.model_dir), python=self.python, host=HOST,
                               port=self.port, served_model_name=self.model_name) + self.engine_rest
@@ -71,6 +73,17 @@ class VllmHttp(ServerBackend, vc.VllmBackend):
         self.rendered = {"argv": argv, "env": env, "vllm_version": self.version, "flag_table_row": self.flags.label,
                          "options": self.opts.to_dict(), **self.engine_args_record(self.option_overrides)}
         return self.rendered
+
+    @classmethod
+    def identify(cls, client) -> dict:
+        """An existing server's model and engine documents, from its API (--base-url; before any cell)."""
+        version = (client.get_json("/version") or {}).get("version")
+        if not version:
+            raise EngineError("the server answers no vLLM version at /version; is it a vLLM server (--engine vllm)?")
+        data = (client.get_json("/v1/models").get("data") or [{}])[0]
+        name = data.get("id") or "model"
+        return {"model": {"name": name, "gguf": None, "hf_dir": None, "server_model_root": data.get("root")},
+                "engine": {"vllm": {"version": version, "served_model_name": name}}}
 
     # -- start / stop (ServerBackend) -----------------------------------------
     def ready(self) -> bool:
@@ -124,13 +137,35 @@ class VllmHttp(ServerBackend, vc.VllmBackend):
         eff.update(vc.thread_settings(log, eff.get("device", self.opts.device)))
         eff.update({k: v for k, v in vc.attention_from_log(log).items() if k not in eff})
         eff["temperature"] = self.spec.temperature  # request-level: every request sends it (see measure)
-        eff["chat_template_source"] = vc.chat_template_source(self.model_dir)
+        eff["chat_template_source"] = vc.chat_template_source(self.model_dir) if self.model_dir else "the server's"
         eff["cached_tokens_source"] = ("usage.prompt_tokens_details" if self.flags.prompt_tokens_details
                                        else "metrics" if self.flags.prefix_counters else "none")
+        if self.external_url:
+            self._check_external(eff)
         isolate = bool(eff.get("prefix_caching")) and self.flags.reset_prefix_cache
         eff["cache_isolation"] = "previous_prompt" if isolate else "none"
         self._isolation = vc.CacheIsolation(self.cache_granularity) if isolate else None
         return {k: v for k, v in eff.items() if v is not None}
+
+    def _check_external(self, eff: dict) -> None:
+        """An existing server must let kvmatrix verify and isolate, or the cell is refused naming what to enable:
+        per-request cached counts (usage.prompt_tokens_details) and a prefix-cache reset between trials."""
+        probe = self._payload(Request([{"role": "user", "content": "kvmatrix probe"}], max_tokens=1, stream=False))
+        try:
+            usage = self.client.post_json("/v1/chat/completions", probe).get("usage") or {}
+        except (HttpError, OSError, ValueError) as exc:
+            raise EngineError(f"the vLLM server at {self.external_url} refused a chat completion ({exc})") from None
+        if usage.get("prompt_tokens_details") is None:
+            raise EngineError(f"the vLLM server at {self.external_url} reports no usage.prompt_tokens_details, so no "
+                              "hit can be verified per request: start it with --enable-prompt-tokens-details")
+        eff["cached_tokens_source"] = "usage.prompt_tokens_details"
+        if eff.get("prefix_caching"):
+            try:
+                self._try_reset_prefix_cache()
+            except (HttpError, OSError, ValueError) as exc:
+                raise EngineError(f"the vLLM server at {self.external_url} does not reset its prefix cache "
+                                  f"(POST /reset_prefix_cache: {exc}), so trials cannot be isolated: start it with "
+                                  "VLLM_SERVER_DEV_MODE=1 in its environment") from None
 
     def provenance(self) -> dict:
         try:
@@ -143,6 +178,7 @@ class VllmHttp(ServerBackend, vc.VllmBackend):
             "vllm_distribution": self.dist,
             "vllm_flag_table_row": self.flags.label,
             "server_argv": self.rendered.get("argv"),
+            **({"started_by_kvmatrix": False, "base_url": self.external_url} if self.external_url else {}),
             "engine_env": {k: v for k, v in (self.rendered.get("env") or {}).items()
                            if k.startswith("VLLM_")},
             "torch_version": vc.dist_version("torch"),
