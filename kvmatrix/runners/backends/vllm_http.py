@@ -140,7 +140,8 @@ class VllmHttp(ServerBackend, vc.VllmBackend):
         eff["chat_template_source"] = vc.chat_template_source(self.model_dir) if self.model_dir else "the server's"
         eff["cached_tokens_source"] = ("usage.prompt_tokens_details" if self.flags.prompt_tokens_details
                                        else "metrics" if self.flags.prefix_counters else "none")
-        if self.external_url:
+        if self.external_url:  # every request sends its seed (the server's engine seed is recorded beside it)
+            eff["engine_seed"], eff["seed"] = eff.get("seed"), self.spec.seed
             self._check_external(eff)
         isolate = bool(eff.get("prefix_caching")) and self.flags.reset_prefix_cache
         eff["cache_isolation"] = "previous_prompt" if isolate else "none"
