@@ -6,26 +6,25 @@ Stdlib only (dataclasses). One ``CellDoc`` per ``<cell-id>.json``; the schema it
     doc = CellDoc.from_dict(json.loads(path.read_text()))
     doc.experiment, doc.ok, doc.runtime.effective, doc.trials("cache_hit"), doc.trial_blocks()
 
-Writing (the runner)::
+Writing (the runner, ``run_cell.cell_document`` and ``run_cell._run_on``)::
 
     doc = CellDoc(cell_id=..., run=..., phase=..., backend=..., label=..., experiment=spec.name,
                   model=Model.from_dict(cell.model), timestamp=..., status="running",
                   config=Config(context_size_a=..., ...), runtime=Runtime(requested=runtime.to_dict()),
                   provenance=Provenance.from_dict({...}))
+    doc.runtime.effective = effective                          # filled step by step, as a dict would be
     doc.set_condition("cache_hit", condition_block(trials))   # one {trials[], stats{}} block per condition
     doc.update(result)                                          # the experiment's other keys
     doc.write(out_dir / f"{doc.cell_id}.json")                  # atomic, as results.write_json_atomic
 
 Round trip: ``CellDoc.from_dict(d).to_dict() == d`` for every schema-1 document (tests check every committed
-file), in the source's key order:
+file), in the source's key order, by the rules of ``kvmatrix.runners.record`` (unknown keys kept in each
+record's ``extra``, absent keys stay absent, odd shapes written back as they were, keys set later written
+after the others in the order they were set, as a dict would). The document adds:
 
-* a key this schema does not name is kept verbatim in the record's ``extra``; a top-level
-  ``{trials[], stats{}}`` block (``cache_hit``, ``cache_miss``, slot_eviction's ``other_slot`` ...) is a
-  ``Condition`` in ``conditions``;
-* a named key the source lacked is not written back (unless it is assigned later); a fresh record writes its
-  required keys and, of its optional ones, those that were assigned;
-* a value of the wrong shape where a record, dict or list belongs (``"runtime": null``) reads as the empty
-  one and is written back as it was, unless replaced;
+* a top-level ``{trials[], stats{}}`` block (``cache_hit``, ``cache_miss``, slot_eviction's ``other_slot``
+  ...) is a ``Condition`` in ``conditions``, written where it was read or set (in a fresh document's
+  layout: before ``ttft_degradation_pct``);
 * ``_path`` (added by ``results.load_cells``) becomes ``CellDoc.path`` and is never written.
 
 The experiment's name is the document's ``experiment`` field, which the runner writes from the cell spec's
@@ -35,181 +34,18 @@ one) gets a name from ``infer_experiment`` below, the one place that guesses; th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from kvmatrix.runners.record import Record
+from kvmatrix.runners.record import record_field as _field
 from kvmatrix.runners.results import SCHEMA_VERSION, write_json_atomic
 
 #: the two conditions of the trial protocol; any other top-level trial block is an experiment's own
 HIT_MISS = ("cache_hit", "cache_miss")
 
-
-def _field(kind: Any = None, *, optional: bool = False, default: Any = None):
-    """A document field. ``kind``: "dict", "list", a Record class (nested), ("records", cls) (a list of
-    them) or None (any JSON value). ``optional``: a fresh record writes it only once assigned."""
-    meta = {"kind": kind, "optional": optional}
-    if optional:
-        return field(default=None, metadata=meta)
-    if kind == "dict":
-        return field(default_factory=dict, metadata=meta)
-    if kind == "list" or isinstance(kind, tuple):
-        return field(default_factory=list, metadata=meta)
-    if isinstance(kind, type):
-        return field(default_factory=kind, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 _NONE = object()
-
-
-@dataclass(kw_only=True)
-class Record:
-    """A JSON object with named keys (the dataclass fields) and the rest kept verbatim in ``extra``."""
-
-    extra: dict[str, Any] = field(default_factory=dict)
-    _absent: frozenset = field(default=frozenset(), repr=False, compare=False)
-    _raw: dict = field(default_factory=dict, repr=False, compare=False)
-    _order: tuple = field(default=(), repr=False, compare=False)
-    _ready: bool = field(default=False, repr=False, compare=False)
-
-    #: field names that are not JSON keys
-    LOCAL: ClassVar[frozenset[str]] = frozenset({"extra", "_absent", "_raw", "_order", "_ready"})
-
-    def __post_init__(self) -> None:
-        if not self._ready:  # a fresh record: an optional key is written once given or assigned
-            object.__setattr__(self, "_absent", frozenset(
-                f.name for f in self._fields() if f.metadata.get("optional") and getattr(self, f.name) is None))
-            object.__setattr__(self, "_ready", True)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)
-        if self.__dict__.get("_ready") and name not in self.LOCAL:  # assigned: written, not the raw value
-            object.__setattr__(self, "_absent", self._absent - {name})
-            if name in self._raw:
-                object.__setattr__(self, "_raw", {k: v for k, v in self._raw.items() if k != name})
-
-    @classmethod
-    def _fields(cls):
-        return [f for f in fields(cls) if f.name not in cls.LOCAL and not f.metadata.get("local")]
-
-    @classmethod
-    def keys(cls) -> tuple[str, ...]:
-        """The JSON keys this record names."""
-        return tuple(f.name for f in cls._fields())
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        obj = cls(_ready=True)
-        obj._load(d)
-        return obj
-
-    def _load(self, d: dict) -> None:
-        known = {f.name: f for f in self._fields()}
-        absent = set(known)
-        for key, value in d.items():
-            if key in known:
-                absent.discard(key)
-                self._put_field(known[key], value)
-            else:
-                self._put_other(key, value)
-        object.__setattr__(self, "_absent", frozenset(absent))
-        object.__setattr__(self, "_order", tuple(d))
-
-    def _put_field(self, f, value) -> None:
-        kind = f.metadata.get("kind")
-        decoded, ok = _decode(kind, value)
-        self._raw.pop(f.name, None)
-        if not ok or (decoded is None and kind is not None and not f.metadata.get("optional")):
-            decoded = _empty(f)  # the wrong shape: read as the empty one, written back as it was
-            self._raw[f.name] = value
-        object.__setattr__(self, f.name, decoded)
-
-    def _put_other(self, key: str, value) -> None:
-        self.extra[key] = value
-
-    def update(self, d: dict) -> None:
-        """Set keys as a JSON object would (named keys decoded, the rest into ``extra``); they are written."""
-        known = {f.name: f for f in self._fields()}
-        for key, value in d.items():
-            if key in known:
-                self._put_field(known[key], value)
-                object.__setattr__(self, "_absent", self._absent - {key})
-            else:
-                self._put_other(key, value)
-
-    def __contains__(self, key: str) -> bool:
-        """Whether the JSON object has ``key``."""
-        return key in self.extra or (key in self.keys() and key not in self._absent)
-
-    def get(self, key: str, default=None):
-        """A key by its JSON name: the named field when the document has it, else ``extra``. For keys outside
-        the schema (an older writer's spelling); named keys are read as attributes."""
-        if key in self.keys():
-            return getattr(self, key) if key not in self._absent else default
-        return self.extra.get(key, default)
-
-    def _items(self) -> list[tuple[str, Any]]:
-        out = []
-        for f in self._fields():
-            if f.name in self._absent:
-                continue
-            value = getattr(self, f.name)
-            if f.name in self._raw and value == _empty(f):
-                out.append((f.name, self._raw[f.name]))
-            else:
-                out.append((f.name, _encode(value)))
-        return out
-
-    def to_dict(self) -> dict:
-        out = dict(self._items())
-        out.update(self.extra)
-        return _ordered(out, self._order)
-
-
-def _empty(f):
-    kind = f.metadata.get("kind")
-    if f.metadata.get("optional"):
-        return None
-    if kind == "dict":
-        return {}
-    if kind == "list" or isinstance(kind, tuple):
-        return []
-    if isinstance(kind, type):
-        return kind()
-    return f.default
-
-
-def _decode(kind, value) -> tuple[Any, bool]:
-    """(value as the field holds it, whether it had the expected shape)."""
-    if kind is None:
-        return value, True
-    if kind == "dict":
-        return (value, True) if isinstance(value, dict) else ({}, False)
-    if kind == "list":
-        return (value, True) if isinstance(value, list) else ([], False)
-    if isinstance(kind, tuple):  # ("records", cls): dict items become records, others stay as they are
-        if not isinstance(value, list):
-            return [], False
-        return [kind[1].from_dict(v) if isinstance(v, dict) else v for v in value], True
-    if isinstance(value, dict):
-        return kind.from_dict(value), True
-    return None, value is None
-
-
-def _encode(value):
-    if isinstance(value, Record):
-        return value.to_dict()
-    if isinstance(value, list):
-        return [v.to_dict() if isinstance(v, Record) else v for v in value]
-    return value
-
-
-def _ordered(out: dict, order: tuple) -> dict:
-    if not order:
-        return out
-    first = [k for k in order if k in out]
-    return {k: out[k] for k in first + [k for k in out if k not in set(first)]}
 
 
 # ---------------------------------------------------------------- the parts of a cell
@@ -523,6 +359,7 @@ class CellDoc(Record):
             raise ValueError(f"{name!r} is a document field, not a condition name")
         cond = block if isinstance(block, Condition) else Condition.from_dict(block)
         self.conditions[name] = cond
+        self._mark(name)  # a new condition is written after the keys the document has
         return cond
 
     def _items(self) -> list[tuple[str, Any]]:

@@ -4,7 +4,8 @@ The cells of a group share backend, engine, model and runtime settings
 (``engine_key``; refused otherwise, exit 2). The runner drives the backend
 lifecycle once (render -> start -> read back and validate) and then runs each
 cell's experiment in turn on that engine, writing each cell's result JSON
-atomically as soon as the cell finishes; the engine is stopped at the end.
+(a ``document.CellDoc``, filled step by step) atomically as soon as the cell
+finishes; the engine is stopped at the end.
 Whatever happens, every cell the runner STARTED gets a result document:
 ``status: ok`` or ``status: failed`` with a one-line error and the tail of the
 engine log.
@@ -42,7 +43,8 @@ from kvmatrix.runners import backends
 from kvmatrix.runners import experiments as experiment_protocols
 from kvmatrix.runners.backends.base import EngineError, SettingsMismatch, compare_settings
 from kvmatrix.runners.device import Nvml, host_facts
-from kvmatrix.runners.results import SCHEMA_VERSION, condition_block, degradation_pct, write_json_atomic
+from kvmatrix.runners.document import CellDoc, Config, Model, Provenance, Runtime, Slots, Sweep
+from kvmatrix.runners.results import condition_block, degradation_pct
 from kvmatrix.runners.spec import CellSpec, SpecError
 
 #: exit code: the runner stopped early on purpose; the cells without a result need a fresh engine
@@ -78,40 +80,33 @@ def check_group(cells: list[CellSpec]) -> None:
                                 "one engine; run them in separate runner calls")
 
 
-def base_document(cell: CellSpec) -> dict:
+def cell_document(cell: CellSpec) -> CellDoc:
+    """A cell's document as the runner starts it (``status: running``); ``_apply_start`` and ``_run_on``
+    fill it in, step by step (a key set later is written after those it has, as a dict would)."""
     exp = cell.experiment
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "cell_id": cell.cell_id,
-        "run": cell.run,
-        "phase": cell.phase,
-        "backend": cell.backend,
-        "label": cell.engine.get("label", cell.backend),
-        "experiment": exp.name,
-        "model": cell.model,
-        "timestamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "status": "running",
-        "error": None,
-        "config": {
-            "context_size_a": exp.config.a,
-            "context_size_b": exp.config.b,
-            "query_tokens": exp.config.q,
-            "max_output_tokens": exp.max_output_tokens,
-            "num_trials": exp.num_trials,
-            "warmup_trials": exp.warmup_trials,
-            "settle_ms": exp.settle_ms,
-            "keep_warm": exp.keep_warm,
-        },
-        "runtime": {"requested": cell.runtime.to_dict(), "effective": {}, "mismatches": [], "unverified": []},
-        "provenance": {**cell.provenance, "runner_host": host_facts(), "runner_python": sys.version.split()[0],
-                       **({"engine_extra_args": list(cell.engine["extra_args"])}
-                          if cell.engine.get("extra_args") else {})},
-        "timing": {},
-        **({"sweep": {"n_batch": cell.runtime.n_batch, "n_ubatch": cell.runtime.n_ubatch}}
-           if exp.name == "batch_sweep" else {}),
-        **({"slots": {"n_parallel": cell.runtime.n_parallel, "n_ctx_total": cell.runtime.n_ctx}}
-           if exp.name == "slot_eviction" else {}),
-    }
+    config = Config(context_size_a=exp.config.a, context_size_b=exp.config.b, query_tokens=exp.config.q,
+                    max_output_tokens=exp.max_output_tokens, num_trials=exp.num_trials,
+                    warmup_trials=exp.warmup_trials, settle_ms=exp.settle_ms)
+    config.keep_warm = exp.keep_warm  # an optional key of the schema: assigned, so written whatever its value
+    extra_args = {"engine_extra_args": list(cell.engine["extra_args"])} if cell.engine.get("extra_args") else {}
+    doc = CellDoc(
+        cell_id=cell.cell_id, run=cell.run, phase=cell.phase, backend=cell.backend,
+        label=cell.engine.get("label", cell.backend), experiment=exp.name, model=Model.from_dict(cell.model),
+        timestamp=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), status="running", error=None,
+        config=config, runtime=Runtime(requested=cell.runtime.to_dict()),
+        provenance=Provenance.from_dict({**cell.provenance, "runner_host": host_facts(),
+                                         "runner_python": sys.version.split()[0], **extra_args}),
+    )
+    if exp.name == "batch_sweep":
+        doc.sweep = Sweep(n_batch=cell.runtime.n_batch, n_ubatch=cell.runtime.n_ubatch)
+    if exp.name == "slot_eviction":
+        doc.slots = Slots(n_parallel=cell.runtime.n_parallel, n_ctx_total=cell.runtime.n_ctx)
+    return doc
+
+
+def base_document(cell: CellSpec) -> dict:
+    """The document of a cell that has not run (yet), as a plain dict (the host records failures on it)."""
+    return cell_document(cell).to_dict()
 
 
 class SharedEngine:
@@ -169,38 +164,39 @@ class LeaveForFreshEngine(Exception):  # noqa: N818 - a control-flow signal, not
     """The adapter cannot give this cell a clean engine: leave it (and the rest) to a fresh runner."""
 
 
-def _apply_start(doc: dict, cell: CellSpec, engine: SharedEngine, group: list[str], index: int) -> None:
+def _apply_start(doc: CellDoc, cell: CellSpec, engine: SharedEngine, group: list[str], index: int) -> None:
     """Copy what the engine start established into one cell's document."""
     rec = engine.record
     if "log_file" in rec:
-        doc["log_file"] = rec["log_file"]
+        doc.log_file = rec["log_file"]
     if "rendered" in rec:
-        doc["runtime"]["rendered"] = rec["rendered"]
+        doc.runtime.rendered = rec["rendered"]
     if "engine_start_s" in rec:
-        doc["timing"]["engine_start_s"] = rec["engine_start_s"]
+        doc.timing.engine_start_s = rec["engine_start_s"]
     if "started_at" in rec:
-        doc["timing"]["engine_starts"] = {
+        doc.timing.engine_starts = {
             "group": group, "index": index, "starts_in_group": engine.starts, "reused": engine.served > 0,
             "started_at": rec["started_at"], "engine_pid": rec.get("engine_pid"), "runner_pid": os.getpid(),
         }
     if "effective" not in rec:
         return
     effective = rec["effective"]
-    doc["runtime"]["effective"] = effective
-    doc["runtime"]["release_gaps"] = rec.get("release_gaps") or {}
+    runtime = doc.runtime
+    runtime.effective = effective
+    runtime.release_gaps = rec.get("release_gaps") or {}
     requested = {k: v for k, v in cell.runtime.to_dict().items() if k in effective}
-    doc["runtime"]["unverified"] = sorted(set(cell.runtime.to_dict()) - set(effective))
+    runtime.unverified = sorted(set(cell.runtime.to_dict()) - set(effective))
     mismatches = compare_settings(requested, effective)
     # A build variant may declare settings it cannot honour by definition (the stock
     # CPU-only wheel ignores n_gpu_layers): accepted only at exactly the declared value.
     declared = cell.engine.get("accepted_deviations") or {}
     accepted = [m for m in mismatches if m["setting"] in declared and m["effective"] == declared[m["setting"]]]
-    doc["runtime"]["accepted_deviations"] = accepted
-    doc["runtime"]["mismatches"] = [m for m in mismatches if m not in accepted]
+    runtime.accepted_deviations = accepted
+    runtime.mismatches = [m for m in mismatches if m not in accepted]
     if "provenance" in rec:
-        doc["provenance"].update(rec["provenance"])
+        doc.provenance.update(rec["provenance"])
     if "gpu" in rec:
-        doc["provenance"]["gpu"] = rec["gpu"]
+        doc.provenance.gpu = rec["gpu"]
 
 
 def _begin_cell(backend, cell: CellSpec, reused: bool) -> dict | None:
@@ -215,7 +211,7 @@ def _begin_cell(backend, cell: CellSpec, reused: bool) -> dict | None:
 def _run_on(engine: SharedEngine, cell: CellSpec, group: list[str], index: int, progress=None) -> dict:
     """Run one cell on the group's engine; always writes and returns its document (unless left, see above)."""
     out_dir = Path(cell.out_dir)
-    doc = base_document(cell)
+    doc = cell_document(cell)
     t0 = time.monotonic()
     left = False
     try:
@@ -225,46 +221,47 @@ def _run_on(engine: SharedEngine, cell: CellSpec, group: list[str], index: int, 
             backend = engine.ensure()
         finally:
             _apply_start(doc, cell, engine, group, index)
-        if doc["runtime"]["mismatches"]:
-            raise SettingsMismatch(doc["runtime"]["mismatches"])
+        if doc.runtime.mismatches:
+            raise SettingsMismatch(doc.runtime.mismatches)
         begun = _begin_cell(backend, cell, reused=engine.served > 0)
         if begun:
-            doc["timing"]["engine_starts"]["begin_cell"] = begun
+            doc.timing.engine_starts["begin_cell"] = begun
         engine.served += 1
         experiment = experiment_protocols.runner(cell.experiment.name)
         result = experiment(backend, cell.experiment, progress)
-        for cond, trials in result.pop("trials").items():
-            doc[cond] = condition_block(trials)
-        if "cache_hit" in doc and "cache_miss" in doc:
-            doc["ttft_degradation_pct"] = degradation_pct(doc["cache_hit"], doc["cache_miss"])
-        doc.update(result)
-        doc["status"] = "ok"
+        blocks = {cond: condition_block(trials) for cond, trials in result.pop("trials").items()}
+        for cond, block in blocks.items():
+            doc.set_condition(cond, block)
+        if "cache_hit" in blocks and "cache_miss" in blocks:
+            doc.ttft_degradation_pct = degradation_pct(blocks["cache_hit"], blocks["cache_miss"])
+        doc.update(result)  # the experiment's other keys (unknown ones kept as they are)
+        doc.status = "ok"
     except LeaveForFreshEngine:
         left = True
         raise
     except (SpecError, SettingsMismatch, EngineError, KeyError, OSError) as exc:
-        doc["status"] = "failed"
-        doc["error"] = f"{type(exc).__name__}: {exc}"
+        doc.status = "failed"
+        doc.error = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, EngineError) and exc.log_tail:
-            doc["log_tail"] = exc.log_tail
+            doc.log_tail = exc.log_tail
     except Exception as exc:  # noqa: BLE001 - an unexpected error is still a failed cell, with its traceback
-        doc["status"] = "failed"
-        doc["error"] = f"{type(exc).__name__}: {exc}"
-        doc["traceback"] = traceback.format_exc()[-4000:]
+        doc.status = "failed"
+        doc.error = f"{type(exc).__name__}: {exc}"
+        doc.traceback = traceback.format_exc()[-4000:]
     finally:
         if not left:
-            if doc["status"] == "running":  # interrupted (SIGINT/SIGTERM): still leave a failed cell behind
-                doc["status"] = "failed"
-                doc["error"] = "interrupted before the cell finished; rerun with --resume"
-            if doc["status"] != "ok":
+            if doc.status == "running":  # interrupted (SIGINT/SIGTERM): still leave a failed cell behind
+                doc.status = "failed"
+                doc.error = "interrupted before the cell finished; rerun with --resume"
+            if doc.status != "ok":
                 try:  # an engine that served a failed cell is not trusted with the next one
                     engine.stop()
                 finally:
                     if "log_tail" not in doc:
-                        doc["log_tail"] = engine.log_tail()
-            doc["timing"]["cell_wall_s"] = round(time.monotonic() - t0, 3)
-            write_json_atomic(out_dir / f"{cell.cell_id}.json", doc)
-    return doc
+                        doc.log_tail = engine.log_tail()
+            doc.timing.cell_wall_s = round(time.monotonic() - t0, 3)
+            doc.write(out_dir / f"{cell.cell_id}.json")
+    return doc.to_dict()
 
 
 def run_group(cells: list[CellSpec], progress_for=None) -> tuple[list[dict], int]:
@@ -296,9 +293,9 @@ def run_group(cells: list[CellSpec], progress_for=None) -> tuple[list[dict], int
                 continue  # completed, or the interrupted cell's own failed result
             when = "before the cell finished" if index == current else \
                 "before the cell started (its group's runner was stopped)"
-            doc = base_document(cell)
-            doc.update(status="failed", error=f"interrupted {when}; rerun with --resume")
-            write_json_atomic(Path(cell.out_dir) / f"{cell.cell_id}.json", doc)
+            doc = cell_document(cell)
+            doc.status, doc.error = "failed", f"interrupted {when}; rerun with --resume"
+            doc.write(Path(cell.out_dir) / f"{cell.cell_id}.json")
         raise
     finally:
         engine.stop()
