@@ -15,5 +15,5 @@ server=$!
 trap 'kill -- -$server 2>/dev/null || true' EXIT
 for _ in $(seq 200); do curl -sf http://127.0.0.1:$port/health >/dev/null && break; sleep 2; done
 python3 -m kvmatrix.matrix run --base-url http://127.0.0.1:$port --engine vllm --phases 1,1t \
-    --run-name cpu-base-url --out "$out"
+    --config 512/256 --run-name cpu-base-url --out "$out"
 python3 -m kvmatrix.analysis.report "$out"
