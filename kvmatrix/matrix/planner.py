@@ -153,10 +153,16 @@ def check_model_arg(model: str) -> None:
 
     if model in PRESETS:
         return
+    from kvmatrix.models import hub  # noqa: PLC0415
+
+    if hub.parse_id(model) is not None:  # a Hugging Face id: refused now when offline and not in the cache
+        if hub.offline():
+            hub.resolve(model)
+        return
     path = Path(model).expanduser()
     if not path.exists():
-        fail(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path; "
-             "pass a preset name or the path of an HF directory / .gguf file")
+        fail(f"model {model!r} is neither a preset ({', '.join(PRESETS)}), a Hugging Face id (org/name[@revision]) "
+             "nor an existing path; pass one of those or the path of an HF directory / .gguf file")
 
 
 def parse_engine_args(values: list[str]) -> dict[str, list[str]]:

@@ -13,9 +13,10 @@ import json
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from kvmatrix.models import hub
 from kvmatrix.models.gguf_meta import gguf_summary
 from kvmatrix.models.presets import PRESETS, get_preset
 from kvmatrix.plumbing.console import fail, say
@@ -144,7 +145,26 @@ def _ensure_preset(name: str, src: Path, commit: str) -> ModelFiles:
     return _files(entry, name, entry / "hf")
 
 
-def _ensure_hf(hf: Path, llama_source: Path, commit: str) -> ModelFiles:
+def _ensure_hub(found: hub.HubModel, llama_source: Path, commit: str, gguf_quant: str | None) -> ModelFiles:
+    """A Hugging Face snapshot: its own GGUF (``--gguf-quant``), else its safetensors converted once (cached)."""
+    what = f"{found.repo_id}@{found.commit[:12]}"
+    snap = found.snapshot
+    has_hf = (snap / "config.json").is_file() and any((snap / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
+    gguf = hub.pick_gguf(snap, gguf_quant, what)
+    if gguf is not None:
+        try:
+            info = gguf_summary(gguf)
+        except (ValueError, OSError) as exc:
+            fail(f"cannot read {gguf} of {what} as GGUF ({exc})")
+        manifest = {"kind": "gguf", "name": found.repo_id, "source": str(gguf), "hub": found.manifest(),
+                    "gguf_quant": gguf_quant or gguf.stem, **info}
+        return ModelFiles(found.repo_id, snap if has_hf else None, gguf, None, manifest, info["params"])
+    files = _ensure_hf(snap, llama_source, commit, name=found.repo_id.split("/")[-1])
+    files.manifest = {**files.manifest, "hub": found.manifest()}
+    return replace(files, name=found.repo_id)
+
+
+def _ensure_hf(hf: Path, llama_source: Path, commit: str, name: str | None = None) -> ModelFiles:
     if not (hf / "config.json").is_file() or not any((hf / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
         fail(f"{hf} is not an HF model directory (needs config.json and tokenizer.json or tokenizer.model); "
              "pass a preset name or a complete HF directory")
@@ -153,7 +173,7 @@ def _ensure_hf(hf: Path, llama_source: Path, commit: str) -> ModelFiles:
     hashes = {p.relative_to(hf).as_posix(): _sha256(p) for p in sorted(hf.rglob("*"))
               if p.is_file() and not any(part.startswith(".") for part in p.relative_to(hf).parts)}
     key = content_key(hashes, generator_sha(), commit)
-    entry = cache_dir() / "models" / f"hf-{hf.name}-{key}"
+    entry = cache_dir() / "models" / f"hf-{name or hf.name}-{key}"
     if not is_complete(entry):
         entry.parent.mkdir(parents=True, exist_ok=True)
         args = ["--from-hf", str(hf), "--llama-source", str(src), "--llama-commit", commit]
@@ -161,10 +181,12 @@ def _ensure_hf(hf: Path, llama_source: Path, commit: str) -> ModelFiles:
     return _files(entry, hf.name, hf)
 
 
-def ensure_model(model: str, llama_source: Path, llama_commit: str) -> ModelFiles:
-    """Resolve ``model`` (preset name, HF directory or .gguf file) to its files."""
+def ensure_model(model: str, llama_source: Path, llama_commit: str, gguf_quant: str | None = None) -> ModelFiles:
+    """Resolve ``model`` (preset name, Hugging Face id org/name[@rev], HF directory or .gguf file) to its files."""
     if model in PRESETS:
         return _ensure_preset(model, _check_llama_source(llama_source), llama_commit)
+    if hub.parse_id(model) is not None:
+        return _ensure_hub(hub.resolve(model, model_python), llama_source, llama_commit, gguf_quant)
     path = Path(model).expanduser()
     looks_like_path = os.sep in model or model.endswith(".gguf") or model.startswith(".") or path.exists()
     if not looks_like_path:
