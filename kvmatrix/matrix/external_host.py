@@ -26,7 +26,6 @@ from kvmatrix.runners.backends.base import EngineError
 from kvmatrix.runners.backends.http import HttpClient
 from kvmatrix.runners.spec import CellSpec, RuntimeSpec, SpecError
 
-
 #: settings every request carries (kvmatrix's values, not the server's defaults)
 REQUEST_LEVEL = ("seed", "temperature")
 
