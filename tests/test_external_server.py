@@ -15,8 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import run_kvmatrix
+
 from kvmatrix.runners.backends.process import EngineProcess, free_port
 
 SMALL = ["--config", "256/128", "--trials", "2", "--settle-ms", "50", "--max-output-tokens", "8"]

@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import run_kvmatrix
+
 from kvmatrix.models import hub
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmatrix.plumbing.console import UserError
 from kvmatrix.models import store
 from kvmatrix.models.gguf_meta import gguf_summary, read_gguf
 from kvmatrix.models.presets import CHAT_TEMPLATE, PRESETS, SPECIAL_TOKENS, get_preset, param_count
+from kvmatrix.plumbing.console import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 needs_source = pytest.mark.usefixtures("llama_build")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from kvmatrix.matrix import cells as cellmod
-from kvmatrix.plumbing import envs
 from kvmatrix.matrix import vllm as vllmenv
+from kvmatrix.plumbing import envs
 from kvmatrix.plumbing.console import UserError
 from kvmatrix.runners.backends import known_backends
 from kvmatrix.runners.backends import vllm_common as vc

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmatrix.plumbing import envs
 from kvmatrix.matrix import vllm as vllmenv
+from kvmatrix.plumbing import envs
 from kvmatrix.plumbing.console import UserError
 from tests.conftest import REPO
 
