@@ -69,10 +69,7 @@ def _run_runtime(args, plan: Plan, kind: str, sources, model, model_doc: dict, b
     run = []
     for pc in cells:
         runtime, engine, prov, launch = hosts[pc.family].cell(pc, common_prov)
-        spec = CellSpec(cell_id=pc.cell.cell_id, run=plan.run_name, phase=pc.cell.phase, backend=pc.cell.backend,
-                        model=model_doc, runtime=runtime, experiment=plan.experiment(pc.cell),
-                        out_dir=str(plan.out_dir), engine=engine, provenance=prov)
-        run.append((pc.cell, spec, launch))
+        run.append((pc.cell, cell_spec(plan, pc, model_doc, runtime, engine, prov), launch))
     shard_note = f" (shard {plan.shard[0]}/{plan.shard[1]})" if plan.shard else ""
     what = f" ({plan.summary})" if plan.summary else ""
     say(f"{len(run)} cells{shard_note} -> {plan.out_dir} [{provider.kind} runtime]{what}")
@@ -97,13 +94,17 @@ def _execute_external(args, plan: Plan) -> tuple[list[dict], int]:
     run = []
     for pc in plan.cells:
         runtime, engine, prov, launch = ext.cell(pc, common_prov)
-        spec = CellSpec(cell_id=pc.cell.cell_id, run=plan.run_name, phase=pc.cell.phase, backend=pc.cell.backend,
-                        model=ext.model_doc(pc.key), runtime=runtime, experiment=plan.experiment(pc.cell),
-                        out_dir=str(plan.out_dir), engine=engine, provenance=prov)
-        run.append((pc.cell, spec, launch))
+        run.append((pc.cell, cell_spec(plan, pc, ext.model_doc(pc.key), runtime, engine, prov), launch))
     say(f"{len(run)} cells -> {plan.out_dir} [existing server, not started by kvmatrix]")
     ran = host.run_cells(run, plan.out_dir, args.resume, None, reuse=args.engine_reuse)
     return ran.docs, ran.engine_starts
+
+
+def cell_spec(plan: Plan, pc, model_doc: dict, runtime, engine: dict, provenance: dict) -> CellSpec:
+    """The CellSpec of one planned cell, from what its engine host derived."""
+    return CellSpec(cell_id=pc.cell.cell_id, run=plan.run_name, phase=pc.cell.phase, backend=pc.cell.backend,
+                    model=model_doc, runtime=runtime, experiment=plan.experiment(pc.cell), out_dir=str(plan.out_dir),
+                    engine=engine, provenance=provenance)
 
 
 def provider_for(args, run_name: str, kind: str):

@@ -13,8 +13,6 @@ an adapter refuses a server on which that is impossible, naming what to enable. 
 
 from __future__ import annotations
 
-import os
-
 from kvmatrix import catalog
 from kvmatrix.matrix import llamacpp
 from kvmatrix.matrix.host import Launch
@@ -89,5 +87,4 @@ class ExternalHost:
         engine = {"base_url": pc.key, "label": pc.cell.label, "variant": pc.cell.variant, **server["engine"]}
         prov = {**common_prov, "runtime_kind": "external", "started_by_kvmatrix": False, "base_url": pc.key}
         runtime = cell_runtime(pc.cell, server["runtime"], self.plan.experiment(pc.cell))
-        return runtime, engine, prov, Launch(python=self.python, env={"PYTHONUNBUFFERED": os.environ.get(
-            "PYTHONUNBUFFERED", "1")})
+        return runtime, engine, prov, Launch(python=self.python, env={})

@@ -100,14 +100,18 @@ def cell_runtime(cell: cellmod.Cell, base: RuntimeSpec, experiment: ExperimentSp
     if cell.n_parallel is not None:
         rt = cellmod.slot_runtime(rt, cell.n_parallel)
     if experiment.name == "prefix_reuse":
+        rt = replace(rt, prefix_caching=cell.variant == "cache_on")
         if catalog.interface(cell.backend).has("slots"):
-            slots = max(experiment.concurrency)
+            slots = requests_in_flight(experiment)
             rt = replace(rt, n_ctx=rt.n_ctx * slots, n_parallel=slots)
     if gpu_offload:
         rt = replace(rt, n_gpu_layers=-1)
-    if experiment.name == "prefix_reuse":
-        rt = replace(rt, prefix_caching=cell.variant == "cache_on")
     return rt
+
+
+def requests_in_flight(experiment: ExperimentSpec) -> int:
+    """prefix_reuse: the most requests in flight at once (the slots / sequences an engine must serve together)."""
+    return max(experiment.concurrency)
 
 
 def base_runtime(args) -> RuntimeSpec:

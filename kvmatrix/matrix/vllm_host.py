@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from kvmatrix.matrix import vllm as vllmenv
 from kvmatrix.matrix.llama_host import extra_args
-from kvmatrix.matrix.planner import Plan, PlannedCell, cell_runtime
+from kvmatrix.matrix.planner import Plan, PlannedCell, cell_runtime, requests_in_flight
 from kvmatrix.plumbing.console import UserError, fail
 from kvmatrix.runners.spec import SpecError
 
@@ -38,7 +38,7 @@ class VllmHost:
         side, opts, base = self.sides[pc.key]
         exp = self.plan.experiment(pc.cell)
         if exp.name == "prefix_reuse":  # every request in flight gets a sequence
-            opts = replace(opts, max_num_seqs=max(exp.concurrency))
+            opts = replace(opts, max_num_seqs=requests_in_flight(exp))
         engine = {**vllmenv.engine_doc(side.env, opts, pc.cell.label), **extra_args(self.plan.engine_args, pc.cell.backend)}
         return cell_runtime(pc.cell, base, exp), engine, {**common_prov, **side.provenance}, side.launch
 
