@@ -7,8 +7,6 @@ the calibration trials, the settings of each cell); a finding whose cells are mi
   of phase 1 (vLLM server), 2 (vLLM in-process), 3a (llama-server), 3b (llama-cpp-python), at the
   baseline settings (flash attention off, no host-RAM prompt cache); a column more for each other
   catalogue phase the cells hold (the token-id interfaces 1t, 3t), titles from ``kvmatrix.catalog``;
-* what a miss costs per engine: miss - hit [CI] per config, and ms per recomputed token (least
-  squares over every verified measured trial of the backend and model);
 * server vs in-process per engine: the hit-TTFT difference [CI], next to the harness overhead of
   each path (calibration: harness - reference) and the chat-template + tokenization cost measured on
   the server (chat path - token-id path), so the server's cost is not the harness's;
@@ -28,7 +26,8 @@ from kvmatrix.analysis.experiments.invalidation import Row
 from kvmatrix.analysis.fmt import NA, ci_text, md_table
 from kvmatrix.analysis.labels import config_key, phase_title, server_inprocess_pairs, table_phases
 from kvmatrix.analysis.load import as_docs
-from kvmatrix.analysis.stats import compare, linear_fit, summarize
+from kvmatrix.analysis.stats import compare, summarize
+from kvmatrix.analysis.summary import overhead
 
 #: the llama.cpp interfaces' phases (flash attention is a llama.cpp setting)
 LLAMA_PHASES = tuple(dict.fromkeys(i.phase for i in catalog.INTERFACES if i.family == "llama"))
@@ -120,41 +119,13 @@ def four_phase_table(table: list[Phases]) -> list[str]:
     return md_table(header, body).split("\n")
 
 
-def _recomputed(t: dict) -> int | None:
-    if t.get("prompt_tokens") is None or t.get("cached_tokens") is None:
-        return None
-    return t["prompt_tokens"] - t["cached_tokens"]
-
-
-def miss_cost(rows: list[Row]) -> list[str]:
-    out = []
-    groups: dict[tuple, list[Row]] = {}
-    for r in rows:
-        if _baseline(r):
-            groups.setdefault((_model(r), r.phase, r.series), []).append(r)
-    for (model, phase, series), rs in sorted(groups.items()):
-        parts = []
-        for r in sorted(rs, key=lambda r: [-k for k in config_key(r.a, r.b)]):
-            text, _ = diff_text(r.values("hit"), r.values("miss"))
-            parts.append(f"{r.config}: {text}")
-        trials = [t for r in rs for c in ("hit", "miss") for t in r.trials.get(c, []) if t.get("cache_verified")]
-        pts = [(_recomputed(t), t.get("ttft_ms")) for t in trials]
-        pts = [(x, y) for x, y in pts if x is not None and y is not None]
-        fit = linear_fit([x for x, _ in pts], [y for _, y in pts]) if pts else None
-        slope = (f"; {fit.slope * 1000:.2f} µs per recomputed token (least squares over {fit.n} verified trials, "
-                 f"R² {fit.r2:.2f}, intercept {fit.intercept:.1f} ms)") if fit and fit.r2 is not None else ""
-        out.append(f"- **{model}, {phase} {series}**: miss − hit {'; '.join(parts)}{slope}.")
-    return out
-
-
 def _calib(rows: list[Row], cond: str, key: str) -> list[float]:
     return [t[key] for r in rows for t in r.trials.get(cond, []) if t.get(key) is not None]
 
 
 def _overhead(rows: list[Row], cond: str = "hit") -> str:
-    d = [t["ttft_ms"] - t["reference_ttft_ms"] for r in rows for t in r.trials.get(cond, [])
-         if t.get("reference_ttft_ms") is not None]
-    return f"{ci_text(summarize(d), 2)} ms" if d else "not measured"
+    s = overhead([t for r in rows for t in r.trials.get(cond, [])])
+    return f"{ci_text(s, 2)} ms" if s is not None else "not measured"
 
 
 def _template(rows: list[Row], cond: str = "hit") -> str:
@@ -273,15 +244,12 @@ def section(cells, h100: bool = False) -> str:
 def _section(rows: list[Row], sweep: list, h100: bool) -> str:
     if not rows:
         return ""
-    table = four_phase(rows)
-    count = len(table_columns(table))
-    parts = ["## Findings (generated from these cells)", "",
+    count = len(table_columns(four_phase(rows)))
+    parts = ["## Findings in detail (generated from these cells)", "",
              "Every number below is computed from the result files in this folder: medians over the measured "
              "(non-warm-up) trials with 95% bootstrap CIs; differences are differences of medians with their "
-             "bootstrap CI. Baseline settings: flash attention off, host-RAM prompt cache off.", "",
-             f"### The {COUNT_WORDS.get(count, count)} phases: cache hit vs cache miss TTFT (ms)", "",
-             *four_phase_table(table), "",
-             "### What a miss costs, per engine", "", *miss_cost(rows), "",
+             "bootstrap CI. Baseline settings: flash attention off, host-RAM prompt cache off. The "
+             f"{COUNT_WORDS.get(count, count)} phases side by side: Appendix.", "",
              "### Server vs in-process, separated from harness overhead", "",
              *(server_vs_inprocess(rows) or ["- Needs both paths of one engine on one model."]), "",
              "### llama-server's host-RAM prompt cache", "",
@@ -293,6 +261,16 @@ def _section(rows: list[Row], sweep: list, h100: bool) -> str:
         parts += ["", "### The H100 findings (2026-11-22), checked here", "",
                   *h100_check(rows, bool(sweep))]
     return "\n".join(parts)
+
+
+def appendix(ev, figures) -> list[str]:
+    """The phases side by side (one row per model and config, a column per phase): the wide findings table."""
+    table = four_phase(ev.rows)
+    if not table:
+        return []
+    count = len(table_columns(table))
+    return ["\n".join([f"### The {COUNT_WORDS.get(count, count)} phases side by side: cache hit vs cache miss TTFT "
+                       "(ms)", "", *four_phase_table(table)])]
 
 
 def h100_check(rows: list[Row], has_sweep: bool) -> list[str]:

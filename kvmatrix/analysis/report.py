@@ -3,10 +3,12 @@
 Usage: ``python -m kvmatrix.analysis.report DIR [DIR...] [--out DIR]``
 writes ``<out or first DIR>/report.md`` (atomically) and ``figures/*.png`` + ``*.svg``.
 
-The report is: the header, the generated findings (``findings``), a hand-written ``findings.md`` from the
-output folder when there is one, the figure list, then every experiment's sections in catalogue order
-(``kvmatrix.analysis.experiments``), each followed by the sections that read its cells (``FOLLOWS``), and
-the checks every report ends with (``CLOSING``).
+The report is summary first: the header, the Summary (``headline``: generated findings per interface and
+model, the summary figure, the narrow headline table), the findings in detail (``findings``), then every
+experiment's sections in catalogue order (``kvmatrix.analysis.experiments``), each followed by the sections
+that read its cells (``FOLLOWS``), the checks every report ends with (``CLOSING``), and the Appendix (each
+module's wide tables, the figure files, the statistics method, a hand-written ``findings.md`` from the output
+folder when there is one).
 """
 
 from __future__ import annotations
@@ -15,7 +17,17 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kvmatrix.analysis import attribution, calibration, checks, findings, provenance, roofline, stats, versions
+from kvmatrix.analysis import (
+    attribution,
+    calibration,
+    checks,
+    findings,
+    headline,
+    provenance,
+    roofline,
+    stats,
+    versions,
+)
 from kvmatrix.analysis.experiments import Evidence, build_evidence, modules
 from kvmatrix.analysis.figure import FigureResult, figure_list
 from kvmatrix.analysis.figures import make_figures
@@ -45,16 +57,39 @@ def write_report(dirs: list[Path], out: Path | None = None) -> Path:
 
 
 def render(ev: Evidence, figures: list[FigureResult], hand_written: str | None = None) -> str:
-    """The whole report.md text; ``hand_written`` (markdown) goes right after the generated findings."""
-    parts = [_header(ev), *findings.sections(ev, figures), *([hand_written] if hand_written else []),
-             figure_list(figures)]
+    """The whole report.md text; ``hand_written`` (markdown, optional) goes to the appendix."""
+    parts = [_header(ev), *headline.sections(ev, figures), *findings.sections(ev, figures)]
     for mod in modules():
         parts += mod.sections(ev, figures)
         for follower in FOLLOWS.get(mod.NAME, ()):
             parts += follower.sections(ev, figures)
     for closing in CLOSING:
         parts += closing.sections(ev, figures)
+    parts += _appendix(ev, figures, hand_written)
     return "\n\n".join(p.rstrip() for p in parts if p.strip()) + "\n"
+
+
+def _appendix(ev: Evidence, figures: list[FigureResult], hand_written: str | None) -> list[str]:
+    """The wide tables (each module's ``appendix``), the figure files, the statistics method, hand-written notes."""
+    parts = ["## Appendix", *findings.appendix(ev, figures)]
+    for mod in modules():
+        parts += getattr(mod, "appendix", lambda ev, figures: [])(ev, figures)
+    parts.append(figure_list(figures).replace("## Figures", "### Figure files", 1))
+    parts.append("### Statistics\n\n" + _method())
+    if hand_written:
+        parts.append("### Notes (hand-written, from findings.md)\n\n" + hand_written.strip())
+    return parts
+
+
+def _method() -> str:
+    text = getattr(stats, "METHOD_TEXT", None)
+    if text is None:
+        text = (f"Over measured trials (warm-up trials excluded). Medians with 95% percentile-bootstrap "
+                f"CIs ({stats.N_BOOT:,} resamples, seed {stats.SEED}); p = two-sided Mann-Whitney U, miss vs hit "
+                f"(exact null distribution when the smaller sample has ≤ {stats.EXACT_MAX_N} values and there are "
+                "no ties, else the normal approximation with tie and continuity correction).")
+    return (text + f" CV = stdev / mean; outliers = beyond Tukey fences ({stats.TUKEY_K} IQR), flagged under "
+            "Outlier trials and never dropped.")
 
 
 def _header(ev: Evidence) -> str:
@@ -71,12 +106,7 @@ def _header(ev: Evidence) -> str:
         "# KV cache invalidation: cache hit vs cache miss TTFT\n\n"
         f"- Runs: {runs}\n"
         f"- Cells: {len(cells)} ({ok} ok, {len(cells) - ok} failed); ok cells per experiment: {exps}\n"
-        f"- Generated: {now}\n"
-        f"- Statistics: over measured trials (warm-up trials excluded). Medians with 95% percentile-bootstrap "
-        f"CIs ({stats.N_BOOT:,} resamples, seed {stats.SEED}); p = two-sided Mann-Whitney U, miss vs hit "
-        f"(exact null distribution when the smaller sample has ≤ {stats.EXACT_MAX_N} values and there are no ties, "
-        "else the normal approximation with tie and continuity correction); CV = stdev / mean; outliers = "
-        f"beyond Tukey fences ({stats.TUKEY_K} IQR), flagged under Outlier trials and never dropped."
+        f"- Generated: {now}"
     )
 
 

@@ -49,6 +49,15 @@ class Evidence:
         return self._rows[name]
 
     @property
+    def summary(self) -> list:
+        """The summary model (``kvmatrix.analysis.summary.build``): one row per cell x condition, built once."""
+        if "_summary" not in self._rows:
+            from kvmatrix.analysis import summary
+
+            self._rows["_summary"] = summary.build(self.cells)
+        return self._rows["_summary"]
+
+    @property
     def rows(self) -> list:
         """invalidation rows"""
         return self.of("invalidation")

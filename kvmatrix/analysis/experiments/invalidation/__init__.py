@@ -13,7 +13,7 @@ from kvmatrix.analysis.experiments.invalidation.rows import (
     max_tokens,
     ttft_split,
 )
-from kvmatrix.analysis.experiments.invalidation.sections import main_row, sections
+from kvmatrix.analysis.experiments.invalidation.sections import appendix, main_row, sections
 
-__all__ = ["FIGURES", "NAME", "Cascade", "Row", "build", "cascade", "computation_ms", "condition_stats",
+__all__ = ["FIGURES", "NAME", "appendix", "Cascade", "Row", "build", "cascade", "computation_ms", "condition_stats",
            "fig1_panels", "main_row", "max_tokens", "sections", "ttft_split"]

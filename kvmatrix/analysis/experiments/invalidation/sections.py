@@ -1,5 +1,6 @@
-"""report.md's "Invalidation: cache hit vs cache miss" section: the main table, the statistics per
-condition and the warm-up cascade."""
+"""report.md's "Invalidation: cache hit vs cache miss" section (run order, the warm-up cascade, figures) and its
+appendix: the wide main table and the statistics per condition (the report's first screen has the narrow
+headline table, ``kvmatrix.analysis.headline``; every number is also in summary.csv)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,29 @@ def sections(ev, figures: list[FigureResult]) -> list[str]:
     if not rows:
         return [head + "No ok invalidation cells: nothing to tabulate (see Failed cells).\n\n" +
                 "\n\n".join(embed(figures, "invalidation"))]
+    parts = [
+        head + "The headline numbers are in the Summary; the full table (17 columns) and the statistics per "
+        "condition are in the Appendix (\"Invalidation: the full table\") and in summary.csv.",
+        order_lines([r.cell for r in rows]),
+        _cascade_table(rows),
+        *embed(figures, "invalidation"),
+    ]
+    sources = {}
+    for r in rows:
+        for cond in ("hit", "miss"):
+            sources.setdefault(computation_ms(getattr(r, cond))[1], set()).add(r.name)
+    if any(f.path and f.name == "three_panel" for f in figures) and "non-streaming" in sources:
+        names = ", ".join(sorted(sources["non-streaming"]))
+        parts.append(f"In the three-panel figure's panel (1), computation is the non-streaming TTFT for {names} "
+                     "(no engine prompt time reported); elsewhere it is the engine's prompt time.")
+    return ["\n\n".join(parts)]
+
+
+def appendix(ev, figures: list[FigureResult]) -> list[str]:
+    """The wide tables: one row per cell with every column, and the statistics of each condition."""
+    rows = ev.rows
+    if not rows:
+        return []
     notes = [
         "TTFT columns are the streaming TTFT over measured trials: median with its 95% bootstrap CI. "
         "Miss − hit is the difference of the medians; degradation (median) is that difference over the hit "
@@ -81,23 +105,11 @@ def sections(ev, figures: list[FigureResult]) -> list[str]:
         notes.append(f"{MARK} The statistics of this row include {n} unverified trial(s) in total "
                      "(cached tokens did not match the expectation); they are listed under "
                      "Unverified trials, not dropped.")
-    parts = [
-        head + order_lines([r.cell for r in rows]),
-        table([main_row(r) for r in rows], MAIN_HEADERS),
+    return ["\n\n".join([
+        "### Invalidation: the full table\n\n" + table([main_row(r) for r in rows], MAIN_HEADERS),
         "\n\n".join(notes),
-        "### Statistics per condition (streaming TTFT)\n\n" + table(_stats_rows(rows), STATS_HEADERS),
-        _cascade_table(rows),
-        *embed(figures, "invalidation"),
-    ]
-    sources = {}
-    for r in rows:
-        for cond in ("hit", "miss"):
-            sources.setdefault(computation_ms(getattr(r, cond))[1], set()).add(r.name)
-    if any(f.path and f.name == "three_panel" for f in figures) and "non-streaming" in sources:
-        names = ", ".join(sorted(sources["non-streaming"]))
-        parts.append(f"In the three-panel figure's panel (1), computation is the non-streaming TTFT for {names} "
-                     "(no engine prompt time reported); elsewhere it is the engine's prompt time.")
-    return ["\n\n".join(parts)]
+        "### Invalidation: statistics per condition (streaming TTFT)\n\n" + table(_stats_rows(rows), STATS_HEADERS),
+    ])]
 
 
 def _cascade_table(rows: list[Row]) -> str:
