@@ -294,11 +294,17 @@ def full_report(tmp_path_factory):
 
 
 INVALIDATION = "Invalidation: cache hit vs cache miss"
+FULL_TABLE = "Invalidation: the full table"  # the appendix's wide table
 
 
 def section(text: str, title: str) -> str:
     """The body of a ``## title`` section (its ``###`` subsections included)."""
     return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def subsection(text: str, title: str) -> str:
+    """The body of a ``### title`` subsection."""
+    return text.split(f"### {title}\n", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
 
 
 def table_rows(md: str) -> list[list[str]]:
@@ -521,7 +527,7 @@ def test_report_written_with_header(run_dir):
 
 
 def test_main_table_rows_and_values(report_text):
-    text = section(report_text, INVALIDATION)
+    text = subsection(report_text, FULL_TABLE)
     header = table_header(text)
     rows = [dict(zip(header, r, strict=True)) for r in table_rows(text)]
     # phase 1 before 3a; within 3a the config with the larger A first
@@ -543,7 +549,7 @@ def test_main_table_rows_and_values(report_text):
     assert llama["Verified hit"] == "2/3" and llama["Verified miss"] == "3/3"
     assert llama["Trials (measured + warm-up)"] == "3 + 1"
     assert llama["Miss / floor"] == "—"  # the fixture's model records no params
-    assert "Trial order (all 3 cells): not recorded." in text
+    assert "Trial order (all 3 cells): not recorded." in section(report_text, INVALIDATION)
 
 
 def test_unverified_trial_listed_and_footnoted(report_text):
@@ -551,7 +557,7 @@ def test_unverified_trial_listed_and_footnoted(report_text):
     rows = table_rows(section(text, "Unverified trials"))
     assert rows == [["phase3a-llamacpp_http-512x256", "hit", "2", "0", "512", "1"]]
     assert "Verified measured trials over all ok cells: 17/18." in text
-    assert "† The statistics of this row include 1 unverified" in section(text, INVALIDATION)
+    assert "† The statistics of this row include 1 unverified" in section(text, "Appendix")
 
 
 def test_failed_cell_listed(report_text):
@@ -608,11 +614,12 @@ def test_full_run_report_sections(full_report):
     _, text = full_report
     inv = section(text, INVALIDATION)
     assert "interleaved: 1 warm-up round (hit, miss), then hit, miss × 10" in inv
-    header = table_header(inv)
-    rows = [dict(zip(header, r, strict=True)) for r in table_rows(inv)]
+    full = subsection(text, FULL_TABLE)
+    header = table_header(full)
+    rows = [dict(zip(header, r, strict=True)) for r in table_rows(full)]
     assert len(rows) == 4 and all(r["p (Mann-Whitney)"] == "1.83e-04" for r in rows)
     assert all(r["Miss / floor"].endswith("×") for r in rows)
-    assert "### Statistics per condition" in inv and "### Warm-up cascade" in inv
+    assert "### Invalidation: statistics per condition" in text and "### Warm-up cascade" in inv
     assert "fig4_cascade.png" in inv and "fig1_invalidation_cost.png" in inv
     scan = section(text, "Recompute scan: TTFT vs recomputed tokens")
     assert len(table_rows(scan)) == 10 and "Slope (ms/token)" in scan and "fig2_ttft_vs_recomputed.png" in scan
@@ -640,7 +647,7 @@ def test_full_run_report_sections(full_report):
     assert "fig6_slot_eviction.png" in slots
     dev = section(text, "Device state (NVML)")
     assert "1400–1980" in dev and "no NVML data (CPU run)" in dev and "Clock drops" in dev
-    figs = section(text, "Figures")
+    figs = subsection(text, "Figure files")
     assert all(f"`{n}.png`" in figs or f"{n}.png" in figs for n in ALL_FIGURES)
     assert "python -m kvmatrix.analysis.figures DIR" in figs
 
@@ -682,7 +689,7 @@ def test_merges_dirs_and_disambiguates_runs(tmp_path):
     d2 = write_cells(tmp_path / "r2", [cell("3a", "llamacpp_http", 512, 256, [11, 13], [51, 61], run="r2")])
     text = write_report([d1, d2, d1]).read_text()  # d1 twice: its cell counted once
     assert "Cells: 2 (2 ok, 0 failed)" in text and "Runs: r1, r2" in text
-    labels = [r[1] for r in table_rows(section(text, INVALIDATION))]
+    labels = [r[1] for r in table_rows(subsection(text, FULL_TABLE))]
     assert labels == ["llamacpp_http (r1)", "llamacpp_http (r2)"]
 
 
@@ -825,20 +832,29 @@ def test_harness_overhead_section(full_report):
 
 
 def test_generated_findings(full_report):
-    """The findings block is computed from the cells: the four-phase table, miss costs with a per-token slope,
-    server vs in-process beside the calibration numbers; no hand-written file needed."""
+    """The report opens with the generated Summary: one finding per interface and model (hit / miss, what a miss
+    costs per config, a per-token slope, verified trials, harness overhead), the summary figure, the narrow
+    headline table; the details, and the phases side by side in the appendix. No hand-written file needed."""
     _, text = full_report
-    sec = section(text, "Findings (generated from these cells)")
-    table = sec.split("### The four phases: cache hit vs cache miss TTFT (ms)\n", 1)[1]
-    rows = table_rows(table)
+    assert text.index("## Summary") < text.index("## Findings in detail") < text.index("## Appendix")
+    summ = section(text, "Summary")
+    bullets = [ln for ln in summ.splitlines() if ln.startswith("- **3")]
+    assert len(bullets) == 2 and all("a miss costs 512/256: +" in b and "µs per recomputed token" in b
+                                     and "trials verified" in b and "harness overhead on a hit" in b
+                                     for b in bullets)
+    assert "](figures/fig0_summary.png)" in summ
+    header = table_header(summ)
+    assert len(header) <= 8 and header[:3] == ["Interface", "Model", "A/B"]
+    rows = table_rows(summ)
+    assert len(rows) == 4 and all(len(r) == len(header) for r in rows)
+    assert summ.index("fig0_summary.png") < summ.index("| Interface")
+    side = subsection(text, "The four phases side by side: cache hit vs cache miss TTFT (ms)")
+    rows = table_rows(side)
     assert rows and all(len(r) == 7 for r in rows)
     assert all(r[2] == "not run" and r[3] == "not run" for r in rows)  # no vLLM cells in this run
     phases = [c for r in rows for c in r[4:6]]  # 3a, 3b: hit / miss with CIs where the phase ran
     assert any(c != "not run" for c in phases)
     assert all(c == "not run" or (" / " in c and "[" in c) for c in phases)
-    miss = sec.split("### What a miss costs, per engine", 1)[1]
-    assert "µs per recomputed token" in miss and "miss − hit" in miss
-    assert text.index("## Findings") < text.index("## Figures")
 
 
 def test_findings_server_vs_inprocess_uses_the_calibration():

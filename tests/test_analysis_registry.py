@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from kvmatrix import catalog
-from kvmatrix.analysis import figures, findings, labels, report
+from kvmatrix.analysis import figures, labels, report
 from kvmatrix.analysis.experiments import REGISTRY, Evidence, module
 from kvmatrix.analysis.experiments.invalidation import build as build_rows
 from tests.test_analysis import cell, section, table_header, write_cells
@@ -43,15 +43,15 @@ def test_seed_phase_titles_are_the_catalogue_s():
 
 
 def _four_phase_header(text: str) -> list[str]:
-    body = section(text, "Findings (generated from these cells)")
-    return table_header(body.split(" phases: cache hit vs cache miss TTFT (ms)\n", 1)[1])
+    body = section(text, "Appendix")
+    return table_header(body.split(" phases side by side: cache hit vs cache miss TTFT (ms)\n", 1)[1])
 
 
 def test_a_new_phase_appears_with_its_catalogue_title_only_when_the_cells_hold_it(tmp_path):
     docs = [cell("3a", "llamacpp_http", 512, 256, [10, 11, 12], [50, 52, 54]),
             cell("3b", "llamacpp_python", 512, 256, [7, 8, 9], [40, 42, 44], label="llamacpp_python/chat")]
     text = report.write_report([write_cells(tmp_path / "seeds", docs)]).read_text()
-    assert "### The four phases: cache hit vs cache miss TTFT (ms)" in text
+    assert "### The four phases side by side: cache hit vs cache miss TTFT (ms)" in text
     assert _four_phase_header(text)[2:6] == [f"{s} hit / miss (ms)" for s in SEEDS]
     assert len(_four_phase_header(text)) == 7
 
@@ -63,11 +63,11 @@ def test_a_new_phase_appears_with_its_catalogue_title_only_when_the_cells_hold_i
     assert title == catalog.interface("llamacpp_tokens").title
     header = _four_phase_header(text)
     assert header[2:7] == [f"{s} hit / miss (ms)" for s in SEEDS] + [f"3t {title} hit / miss (ms)"]
-    assert "### The five phases: cache hit vs cache miss TTFT (ms)" in text
+    assert "### The five phases side by side: cache hit vs cache miss TTFT (ms)" in text
     row = next(line for line in text.splitlines() if line.startswith("| tiny | 512/256 |"))
     assert row.count("not run") == 2  # phases 1 and 2; 3t has its medians
-    assert "| 3t      | llamacpp_tokens" in section(text, "Invalidation: cache hit vs cache miss")
-    assert "**tiny, 3t llamacpp_tokens**" in findings.section([*docs, tokens])
+    assert "| 3t      | llamacpp_tokens" in section(text, "Appendix")  # the full table
+    assert f"- **3t {title} · llamacpp_tokens · tiny**: hit " in section(text, "Summary")
     assert [r.phase for r in build_rows([*docs, tokens])] == ["3a", "3b", "3t"]
 
 
