@@ -179,3 +179,13 @@ def lint(session):
     """ruff over the project."""
     session.install("ruff")
     session.run("ruff", "check", "kvmatrix", "tests", "noxfile.py")
+
+
+@nox.session
+def compare(session):
+    """Compare two runs cell by cell and gate: -- BASE NEW [--out DIR] [--fail-if "miss_ttft_ms>+10%" ...].
+
+    Sides of several folders: -- --base DIR... --new DIR...; exit 1 when a gate holds (see --help).
+    """
+    session.install("-e", ".[analysis]")
+    session.run("python", "-m", "kvmatrix.analysis.compare", *session.posargs)

@@ -190,7 +190,7 @@ def test_report_embeds_the_figure_after_calibration(versions_report):
     assert text.index("## Harness overhead") < text.index(f"## {TITLE}") < text.index("\n## ", text.index(TITLE))
     body = section(text, TITLE)
     assert "](figures/fig8_versions.png)" in body and "](figures/fig8_versions.svg)" in body
-    assert "fig8_versions.png" in section(text, "Figures")
+    assert "fig8_versions.png" in section(text, "Appendix")  # the figure files
     png = (out / "figures" / "fig8_versions.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
     width, height = struct.unpack(">II", png[16:24])
@@ -214,8 +214,9 @@ def test_findings_keep_releases_and_runtimes_apart():
     """The generated findings of a matrix of releases: one four-phase row per release and runtime, and
     server vs in-process paired within one release and runtime (never pooled across them)."""
     from kvmatrix.analysis import findings
+    from kvmatrix.analysis.experiments import Evidence
 
-    text = findings.section(version_docs())
+    text = findings.section(version_docs()) + "\n".join(findings.appendix(Evidence(version_docs()), []))
     table = [line for line in text.splitlines() if line.startswith("| tiny | 512/256 |")]
     assert len(table) == 6  # 2 llama.cpp releases x 2 runtimes + 2 vLLM releases (host)
     old_docker = next(line for line in table if "`docker-llama_vendored-0.3.2`" in line)

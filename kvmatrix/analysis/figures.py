@@ -1,6 +1,7 @@
 """Report figures, each as PNG (150 dpi) and SVG, drawn off-screen (matplotlib Agg, no pyplot).
 
-Every analysis module declares its figures (``FIGURES``: ``kvmatrix.analysis.figure.FigureSpec``): each
+Every analysis module declares its figures (``FIGURES``: ``kvmatrix.analysis.figure.FigureSpec``): first
+the summary figure (``LEAD``: ``kvmatrix.analysis.summary_figure``, section "summary"), then each
 experiment's in catalogue order (``kvmatrix.analysis.experiments``), then the cross-cutting ones
 (``CROSS``: the calibration's TTFT breakdown, the versions figure). ``make_figures(evidence, folder)``
 draws every figure it has data for and says why it skipped the others; the report embeds the former and
@@ -19,17 +20,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from kvmatrix.analysis import calibration, versions
+from kvmatrix.analysis import calibration, summary_figure, versions
 from kvmatrix.analysis.experiments import Evidence, build_evidence, modules
 from kvmatrix.analysis.figure import FigureResult, FigureSpec
 from kvmatrix.analysis.load import NoCellsError, load_required
 from kvmatrix.analysis.plot import FORMATS, save
 
+#: the report's one summary figure, before every other
+LEAD = (summary_figure,)
 #: the figures of modules that read across experiments, after the experiments' own
 CROSS = (calibration, versions)
 
 #: every figure, in report order
-ALL: list[FigureSpec] = [spec for mod in (*modules(), *CROSS) for spec in mod.FIGURES]
+ALL: list[FigureSpec] = [spec for mod in (*LEAD, *modules(), *CROSS) for spec in mod.FIGURES]
 #: the figures every report lists (drawn, or skipped with the reason)
 SPECS: list[FigureSpec] = [s for s in ALL if not s.optional]
 #: figures that exist only for some runs: ``draw`` returns None (no entry, not "skipped") when they do not apply

@@ -21,17 +21,20 @@ from kvmatrix.analysis import (
     attribution,
     calibration,
     checks,
+    export,
     findings,
     headline,
+    html,
     provenance,
     roofline,
+    schema,
     stats,
     versions,
 )
 from kvmatrix.analysis.experiments import Evidence, build_evidence, modules
 from kvmatrix.analysis.figure import FigureResult, figure_list
 from kvmatrix.analysis.figures import make_figures
-from kvmatrix.analysis.load import NoCellsError, load_required
+from kvmatrix.analysis.load import NoCellsError, load_checked
 from kvmatrix.cli_parser import ArgumentParser
 from kvmatrix.runners.results import write_text_atomic
 
@@ -44,21 +47,36 @@ FOLLOWS = {"invalidation": (calibration, versions, attribution)}
 CLOSING = (roofline, checks, provenance)
 
 
-def write_report(dirs: list[Path], out: Path | None = None) -> Path:
-    """Merge the cells of ``dirs``; write report.md and figures/ into ``out`` (default dirs[0])."""
+def write_report(dirs: list[Path], out: Path | None = None, *, cells=None, problems=()) -> Path:
+    """Merge the cells of ``dirs``; write report.md, report.html, the exports (summary.csv, summary.jsonl,
+    trials.csv) and figures/ into ``out`` (default dirs[0]). Unreadable or invalid files (``problems``, from
+    ``load.load_checked``) are listed in the report, never silently dropped."""
     dirs = [Path(d) for d in dirs]
-    cells = load_required(dirs)
+    if cells is None:
+        cells, problems = load_checked(dirs)
+    if not cells:
+        shown = " ".join(str(d) for d in dirs) or "."
+        bad = f" ({len(problems)} unreadable or invalid file(s): {problems[0].path}: {problems[0].reason})" \
+            if problems else ""
+        raise NoCellsError(f"no result cells in {shown}{bad}; run nox -s phase3a first or pass the folder that "
+                           "holds the *.json")
     out = Path(out) if out is not None else dirs[0]
     ev = build_evidence(cells)
     figures = make_figures(ev, out / "figures")
+    export.write_exports(ev, out)
     notes = out / "findings.md"  # a hand-written reading of these numbers, kept across regenerations
     hand_written = notes.read_text() if notes.is_file() else None
-    return write_text_atomic(out / "report.md", render(ev, figures, hand_written))
+    text = render(ev, figures, hand_written, problems)
+    path = write_text_atomic(out / "report.md", text)
+    html.write_html(out, text)
+    return path
 
 
-def render(ev: Evidence, figures: list[FigureResult], hand_written: str | None = None) -> str:
-    """The whole report.md text; ``hand_written`` (markdown, optional) goes to the appendix."""
-    parts = [_header(ev), *headline.sections(ev, figures), *findings.sections(ev, figures)]
+def render(ev: Evidence, figures: list[FigureResult], hand_written: str | None = None, problems=()) -> str:
+    """The whole report.md text; ``hand_written`` (markdown, optional) goes to the appendix; ``problems``
+    (unreadable / invalid files) right after the header."""
+    parts = [_header(ev, len(problems)), schema.problems_section(list(problems)), *headline.sections(ev, figures),
+             *findings.sections(ev, figures)]
     for mod in modules():
         parts += mod.sections(ev, figures)
         for follower in FOLLOWS.get(mod.NAME, ()):
@@ -92,7 +110,7 @@ def _method() -> str:
             "Outlier trials and never dropped.")
 
 
-def _header(ev: Evidence) -> str:
+def _header(ev: Evidence, n_problems: int = 0) -> str:
     cells = ev.cells
     ok = sum(1 for c in cells if c.ok)
     runs = ", ".join(sorted({str(c.run) for c in cells}))
@@ -106,6 +124,8 @@ def _header(ev: Evidence) -> str:
         "# KV cache invalidation: cache hit vs cache miss TTFT\n\n"
         f"- Runs: {runs}\n"
         f"- Cells: {len(cells)} ({ok} ok, {len(cells) - ok} failed); ok cells per experiment: {exps}\n"
+        + (f"- **{n_problems} result file(s) unreadable or invalid**: listed below, not in any number\n"
+           if n_problems else "") +
         f"- Generated: {now}"
     )
 
@@ -115,18 +135,27 @@ def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m kvmatrix.analysis.report", description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run folder(s) holding cell *.json")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: the first DIR)")
+    ap.add_argument("--allow-invalid", action="store_true",
+                    help="exit 0 even when a result file is unreadable or invalid (it is still listed)")
     args = ap.parse_args(argv)
     missing = [d for d in args.dirs if not d.exists()]
     if missing:  # not "no result cells": a mistyped folder is not an empty run
         print(f"kvmatrix: error: no result cells in {missing[0]}: no such folder; pass an existing run folder that "
               "holds the cell *.json (results/<run-name>)", file=sys.stderr)
         return 2
+    cells, problems = load_checked(args.dirs)
+    for p in problems:
+        print(schema.problem_line(p), file=sys.stderr)
     try:
-        path = write_report(args.dirs, args.out)
+        path = write_report(args.dirs, args.out, cells=cells, problems=problems)
     except NoCellsError as exc:
         print(f"kvmatrix: error: {exc}", file=sys.stderr)
         return 2
     print(path)
+    if problems and not args.allow_invalid:
+        print(f"kvmatrix: error: {len(problems)} result file(s) unreadable or invalid (listed in the report); "
+              "fix or remove them, or pass --allow-invalid", file=sys.stderr)
+        return 1
     return 0
 
 

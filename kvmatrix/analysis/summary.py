@@ -217,8 +217,8 @@ def _miss_vs_hit(cell: CellDoc) -> dict:
         miss_minus_hit_ci_hi=c.diff_ci[1] if c.diff_ci else None, miss_minus_hit_pct=c.rel_pct,
         miss_minus_hit_pct_ci_lo=c.rel_ci[0] if c.rel_ci else None,
         miss_minus_hit_pct_ci_hi=c.rel_ci[1] if c.rel_ci else None,
-        p_value=c.p, p_method=getattr(test, "method", None) if test is not None else None,
-        cliffs_delta=getattr(c, "cliffs_delta", None),
+        p_value=c.p, p_method=test.method if test is not None else None,
+        cliffs_delta=c.delta,
         us_per_recomputed_token=fit.slope * 1000 if fit is not None else None,
     )
 

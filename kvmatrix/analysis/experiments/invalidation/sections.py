@@ -13,7 +13,8 @@ MARK = "†"  # rows whose stats include unverified trials
 
 MAIN_HEADERS = [
     "Phase", "Backend", "A/B (tok)", "Hit TTFT (ms) median [95% CI]", "Miss TTFT (ms) median [95% CI]",
-    "Miss − hit (ms) [95% CI]", "Degradation (%) median [95% CI]", "p (Mann-Whitney)", "Degradation mean (%)",
+    "Miss − hit (ms) [95% CI]", "Degradation (%) median [95% CI]", "p (Mann-Whitney)", "Cliff's δ",
+    "Degradation mean (%)",
     "Miss / floor", "Non-stream TTFT hit / miss (ms)", "Overhead hit / miss (ms)", "Throughput hit (tok/s)",
     "Warm-up before hit / miss (ms)", "Verified hit", "Verified miss", "Trials (measured + warm-up)",
 ]
@@ -41,7 +42,7 @@ def main_row(r: Row) -> list[str]:
         r.phase, f"{r.series} {MARK}" if r.unverified else r.series, r.config,
         med_ci(r.summary("hit")), med_ci(r.summary("miss")),
         val_ci(c.diff, c.diff_ci, sign=True), val_ci(c.rel_pct, c.rel_ci, sign=True),
-        p_text(c), deg,
+        p_text(c), NA if c.delta is None else f"{c.delta:+.2f}", deg,
         ratio_text(r.floor_ratio),
         pair(stat(r.hit, "ttft_non_streaming_ms"), stat(r.miss, "ttft_non_streaming_ms")),
         pair(stat(r.hit, "overhead_ms"), stat(r.miss, "overhead_ms")),
@@ -68,7 +69,7 @@ def sections(ev, figures: list[FigureResult]) -> list[str]:
         return [head + "No ok invalidation cells: nothing to tabulate (see Failed cells).\n\n" +
                 "\n\n".join(embed(figures, "invalidation"))]
     parts = [
-        head + "The headline numbers are in the Summary; the full table (17 columns) and the statistics per "
+        head + "The headline numbers are in the Summary; the full table (18 columns) and the statistics per "
         "condition are in the Appendix (\"Invalidation: the full table\") and in summary.csv.",
         order_lines([r.cell for r in rows]),
         _cascade_table(rows),
@@ -93,7 +94,7 @@ def appendix(ev, figures: list[FigureResult]) -> list[str]:
     notes = [
         "TTFT columns are the streaming TTFT over measured trials: median with its 95% bootstrap CI. "
         "Miss − hit is the difference of the medians; degradation (median) is that difference over the hit "
-        "median; p is the two-sided Mann-Whitney U test of miss vs hit TTFT. Degradation mean is "
+        "median; p is the two-sided Mann-Whitney U test of miss vs hit TTFT, Cliff's δ its effect size (P(miss > hit) − P(miss < hit): +1 = every miss slower than every hit). Degradation mean is "
         "(mean miss − mean hit) / mean hit as recorded in each cell (the original experiments' definition). "
         "Miss / floor is the miss TTFT median over the roofline floor of the tokens the miss recomputes "
         "(see Roofline floor). Non-streaming TTFT is a 1-token non-streaming call; overhead = streaming − "
