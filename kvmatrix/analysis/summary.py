@@ -125,7 +125,7 @@ class SummaryRow:
 
 
 def build(cells) -> list[SummaryRow]:
-    """Every cell's rows, ordered by experiment, phase, series, model, config, axis and condition order."""
+    """Every cell's rows, in cell order (consumers order them with ``sort_key``)."""
     rows: list[SummaryRow] = []
     for cell in as_docs(cells):
         if not cell.ok:
@@ -153,16 +153,16 @@ def _ident(cell: CellDoc) -> dict:
         model=str(cell.model.title or "?"), a=cell.config.context_size_a, b=cell.config.context_size_b,
         q=cell.config.query_tokens, max_output_tokens=cell.config.max_output_tokens,
         axis=f"{axis_key}={req.get(axis_key)}" if axis_key else "",
-        settings={k: v for k, v in req.items()}, release=version_text(cell),
+        settings=req, release=version_text(cell),
         runtime_kind=str(prov.runtime_kind or "host"), device=str(device), host=str(host),
     )
 
 
-def _row(cell: CellDoc, **values) -> SummaryRow:
+def _row(cell: CellDoc, axis: str | None = None, **values) -> SummaryRow:
+    """The cell's identity plus ``values``; ``axis`` (a scan point's ``kept=N``) only where the experiment has
+    no runtime axis of its own."""
     ident = _ident(cell)
-    if values.get("axis") is not None and not ident["axis"]:
-        ident["axis"] = values.pop("axis")
-    values.pop("axis", None)
+    ident["axis"] = ident["axis"] or axis or ""
     return SummaryRow(**ident, **values)
 
 
