@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from kvmatrix import catalog
 from kvmatrix.cli_parser import ArgumentParser
-from kvmatrix.matrix import containers, executor, llamacpp, planner
+from kvmatrix.matrix import containers, executor, llamacpp, planfile, planner
 from kvmatrix.matrix import vllm as vllmenv
 from kvmatrix.plumbing.console import fail, run_main, say
 from kvmatrix.runners import engine_args as eargs
@@ -169,6 +171,41 @@ def add_run_options(p: argparse.ArgumentParser, matrix: bool) -> None:
     if matrix:
         o.add_argument("--shard", default=None, metavar="I/N",
                        help="run only slice I of N (deterministic; merge the folders with nox -s report -- DIR...)")
+        add_scale_out(p)
+
+
+def add_scale_out(p) -> None:
+    """``matrix``'s scheduler options: emit a frozen plan as a Slurm job array or a Kubernetes Indexed Job, and
+    run one task of it."""
+    s = p.add_argument_group("many hosts", "run the matrix on Slurm or Kubernetes: one task per cell (README: "
+                             "Many hosts); nothing is built or run by --emit itself")
+    s.add_argument("--emit", choices=planfile.SCHEDULERS, default=None,
+                   help="write --out RUN/plan.json (the frozen cells) and RUN/kvmatrix.sbatch (a job array, a report "
+                        "job after it) or RUN/kvmatrix-job.yaml (an Indexed Job) instead of running")
+    s.add_argument("--submit", action="store_true", help="slurm: submit with sbatch and print the job ids")
+    s.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="slurm: a site option for every task, repeatable: --sbatch-arg=--partition=gpu "
+                        "--sbatch-arg=--gres=gpu:1 --sbatch-arg=--time=02:00:00")
+    s.add_argument("--max-parallel", type=int, default=None, metavar="K",
+                   help="at most K tasks at once (slurm --array=1-N%%K; k8s parallelism) (default: no limit)")
+    s.add_argument("--max-array-size", type=int, default=None, metavar="N",
+                   help="slurm: the site's MaxArraySize (default: scontrol show config, else 1001); larger arrays "
+                        "are split into several scripts")
+    s.add_argument("--retries", type=int, default=1, metavar="N", help="k8s: backoffLimitPerIndex (default 1)")
+    s.add_argument("--k8s-image", default=None, metavar="IMAGE",
+                   help="k8s: the image holding this checkout (at its planned commit) and kvmatrix's requirements")
+    s.add_argument("--k8s-claim", default=None, metavar="PVC",
+                   help="k8s: a ReadWriteMany PersistentVolumeClaim for the run folder and the cache")
+    s.add_argument("--k8s-mount", default="/results", metavar="PATH", help="k8s: where the claim is mounted (default %(default)s)")
+    s.add_argument("--k8s-workdir", default="/opt/kvmatrix", metavar="PATH",
+                   help="k8s: the checkout inside the image (default %(default)s)")
+    s.add_argument("--k8s-gpus", type=int, default=1, metavar="N", help="k8s: nvidia.com/gpu per pod (default 1; 0: CPU)")
+    s.add_argument("--k8s-gpu-product", default=None, metavar="NAME",
+                   help="k8s: node selector nvidia.com/gpu.product, e.g. NVIDIA-H200")
+    s.add_argument("--k8s-namespace", default=None, metavar="NS", help="k8s: the Job's namespace")
+    s.add_argument("--plan", default=None, metavar="FILE", help="run one task of an emitted plan (RUN/plan.json) "
+                   "with --task I; the options come from the plan, which is refused if this checkout expands it differently")
+    s.add_argument("--task", type=int, default=None, metavar="I", help="the plan's task (cell) to run, 1-based")
 
 
 def add_docker_options(p) -> None:
@@ -238,6 +275,10 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--out", default=None, metavar="DIR", help="results folder (default results/<run-name>)")
     o.add_argument("--run-name", default=None, metavar="NAME", help="run name (default: prefix-<timestamp>)")
     o.add_argument("--resume", action="store_true", help="skip cells that already have an ok result in --out")
+    st = sub.add_parser("status", help="cells of an emitted run (--emit slurm|k8s): ok, failed, missing; how to resubmit",
+                        epilog="exit codes:\n  0    every cell ok\n  1    a cell is failed or missing\n  2    no plan",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    st.add_argument("run", metavar="RUN", help="the run folder (holding plan.json)")
     c = sub.add_parser("clean", help="docker: remove containers left by dead runs and kvmatrix images no longer tagged",
                        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--images", action="store_true",
@@ -252,7 +293,9 @@ def entry() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser()
+    argv = list(argv if argv is not None else sys.argv[1:])
     args, extra = ap.parse_known_args(argv)
+    args.argv = argv
     if extra:  # answered by the subcommand's parser, so the line points at its --help
         commands = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices
         commands[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
@@ -283,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         say(f"removed {removed} orphaned container(s) and {len(images)} image(s)"
             + (": " + ", ".join(images) if images else ""))
         return 0
+    if args.cmd == "status":
+        from kvmatrix.matrix import status  # noqa: PLC0415
+
+        text, code = status.report(Path(args.run))
+        print(text)
+        return code
     if args.cmd == "prefix":
         return prefix(args)
     # run / matrix
@@ -290,10 +339,71 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    """``run`` and ``matrix``: plan (every cell checked before any work), execute, list what failed."""
+    """``run`` and ``matrix``: plan (every cell checked before any work), execute, list what failed; ``matrix``
+    also emits a plan for a scheduler (``--emit``) or runs one task of one (``--plan --task``)."""
+    if getattr(args, "plan", None) is not None or getattr(args, "task", None) is not None:
+        if args.plan is None or args.task is None:
+            fail("--plan RUN/plan.json and --task I go together (a scheduler task runs one cell of an emitted plan)")
+        args, plan = planfile.task_plan(args, lambda opts: parser().parse_args(["matrix", *opts]))
+        docs, starts = executor.execute(args, plan)
+        return _finish(docs, starts, f"results in {plan.out_dir}")
+    if getattr(args, "emit", None):
+        return emit(args)
     plan = planner.plan_run(args)
     docs, starts = executor.execute(args, plan)
     return _finish(docs, starts, f"results in {plan.out_dir}")
+
+
+def emit(args) -> int:
+    """``matrix --emit slurm|k8s --out RUN``: every cell planned and checked, then the frozen plan and the
+    scheduler's files written; nothing built or run (``--submit``: sbatch it)."""
+    if not args.out:
+        fail(f"--emit {args.emit} needs --out RUN: the run folder the tasks share (on a shared file system)")
+    for opt, value in (("--shard", args.shard), ("--resume", args.resume or None)):
+        if value:
+            fail(f"--emit {args.emit} and {opt} do not go together: the plan holds every cell and each task resumes")
+    if args.max_parallel is not None and args.max_parallel < 1:
+        fail(f"--max-parallel {args.max_parallel}: give 1 or more tasks at once, or leave it out")
+    if args.max_array_size is not None and args.max_array_size < 2:
+        fail(f"--max-array-size {args.max_array_size}: give the site's MaxArraySize (2 or more)")
+    if args.submit and args.emit != "slurm":
+        fail("--submit submits to Slurm; with --emit k8s apply RUN/kvmatrix-job.yaml with kubectl")
+    if args.emit == "k8s":
+        if args.runtime not in ("auto", "host"):
+            fail("--emit k8s runs each pod in the host runtime (no Docker inside pods); leave --runtime out")
+        if not args.k8s_image or not args.k8s_claim:
+            fail("--emit k8s needs --k8s-image IMAGE (this checkout and its requirements) and --k8s-claim PVC "
+                 "(a ReadWriteMany volume for the run folder and the cache)")
+        if args.retries < 0 or args.k8s_gpus < 0:
+            fail("--retries and --k8s-gpus take 0 or more")
+    out = Path(args.out)
+    if (out / planfile.PLAN_FILE).exists():
+        fail(f"{out} already holds a plan; use a new --out, or `kvmatrix status {out}` and resubmit its tasks")
+    options = args.argv[args.argv.index("matrix") + 1:] + (["--runtime", "host"] if args.emit == "k8s" else [])
+    if args.submit:
+        from kvmatrix.matrix import slurm  # noqa: PLC0415
+
+        slurm.check_submit()
+    plan = planner.plan_run(args)
+    frozen = planfile.freeze(plan, args.emit, options, executor.runner_git())
+    if args.emit == "slurm":
+        from kvmatrix.matrix import slurm  # noqa: PLC0415
+
+        written = slurm.emit(frozen, plan.out_dir, args.sbatch_arg, args.max_parallel, args.max_array_size)
+    else:
+        from kvmatrix.matrix import k8s  # noqa: PLC0415
+
+        written = k8s.emit(frozen, plan.out_dir, image=args.k8s_image, claim=args.k8s_claim, mount=args.k8s_mount,
+                           gpus=args.k8s_gpus, gpu_product=args.k8s_gpu_product, namespace=args.k8s_namespace,
+                           max_parallel=args.max_parallel, retries=args.retries, workdir=args.k8s_workdir)
+    if executor.runner_git().get("dirty"):
+        say("note: the checkout has uncommitted changes; tasks check the code's digest, so keep them until the run ends")
+    say(f"{len(frozen.cells)} cells, one task each -> {plan.out_dir}: " + ", ".join(p.name for p in written))
+    if args.submit:
+        jobs, report = slurm.submit(frozen, plan.out_dir)
+        say(f"submitted: array job(s) {', '.join(jobs)}; report job {report} (after all of them)")
+        print(" ".join([*jobs, report]))
+    return 0
 
 
 def prefix(args) -> int:

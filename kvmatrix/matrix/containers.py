@@ -6,10 +6,11 @@ every cell of every backend gets the same options except its image, command,
 environment and cell label:
 
     --network host --init --ipc private --shm-size S --cpuset-cpus C --memory M
-    --user UID:GID [--gpus all]  (only when `docker info` lists the nvidia runtime)
+    --user UID:GID [--gpus all | device=IDS]  (only when `docker info` lists the nvidia runtime; the
+    CPUs, memory and GPUs default to this process's allocation: matrix/allocation.py)
     -v REPO:REPO:ro  (the runner: mounted, never baked in)
     -v MODEL_DIR:MODEL_DIR:ro ... -v OUT:OUT:rw
-    --label io.kvmatrix.run=RUN --label io.kvmatrix.owner=HOST:PID
+    --label io.kvmatrix.run=RUN --label io.kvmatrix.owner=HOST:PID [--label io.kvmatrix.task=TASK]
 
 Paths are mounted at the same absolute path, so the cell spec's paths mean
 the same thing inside and out. The options are kept as data (``RunOptions``)
@@ -32,6 +33,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from kvmatrix.matrix import allocation
 from kvmatrix.matrix.images import LABEL_PREFIX
 from kvmatrix.plumbing.console import fail, say
 
@@ -39,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_LABEL = f"{LABEL_PREFIX}.run"
 OWNER_LABEL = f"{LABEL_PREFIX}.owner"
 CELL_LABEL = f"{LABEL_PREFIX}.cell"
+TASK_LABEL = f"{LABEL_PREFIX}.task"  # the scheduler task (allocation.task_tag): cleanup stays within it
 
 
 @dataclass(frozen=True)
@@ -51,15 +54,21 @@ class ContainerSettings:
     ipc: str = "private"
     user: str = ""
     gpus: bool = False
+    gpu_devices: tuple[str, ...] | None = None  # the granted GPUs (a scheduler's allocation); None: all
 
     @staticmethod
     def for_host(cpuset: str | None, memory: str | None, shm_size: str, gpus: bool) -> ContainerSettings:
-        ncpu = os.cpu_count() or 1
+        """Defaults from this process's allocation (``matrix.allocation``): its CPUs, 90% of its memory, its GPUs."""
         if memory is None:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            memory = f"{max(1, int(total * 0.9) >> 30)}g"
-        return ContainerSettings(cpuset_cpus=cpuset or f"0-{ncpu - 1}", memory=memory, shm_size=shm_size,
-                                 user=f"{os.getuid()}:{os.getgid()}", gpus=gpus)
+            memory = f"{max(1, int(allocation.memory_bytes() * 0.9) >> 30)}g"
+        devices = allocation.gpu_devices() if gpus else None
+        return ContainerSettings(cpuset_cpus=cpuset or allocation.cpuset(), memory=memory, shm_size=shm_size,
+                                 user=f"{os.getuid()}:{os.getgid()}", gpus=gpus,
+                                 gpu_devices=tuple(devices) if devices is not None else None)
+
+    def gpus_flag(self) -> str:
+        """``docker run --gpus`` value: all, or the granted devices."""
+        return "all" if self.gpu_devices is None else f"device={','.join(self.gpu_devices)}"
 
 
 @dataclass(frozen=True)
@@ -85,7 +94,7 @@ class RunOptions:
         cmd = ["docker", "run", "--init", "--network", "host", "--ipc", s.ipc, "--shm-size", s.shm_size,
                "--cpuset-cpus", s.cpuset_cpus, "--memory", s.memory, "--user", s.user, "--workdir", self.workdir]
         if s.gpus:
-            cmd += ["--gpus", "all"]
+            cmd += ["--gpus", s.gpus_flag()]
         if self.name:
             cmd += ["--name", self.name]
         for m in self.mounts:
@@ -111,7 +120,9 @@ class RunOptions:
         if self.name:
             kw["name"] = self.name
         if s.gpus:
-            kw["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+            kw["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])
+                                     if s.gpu_devices is None else
+                                     docker.types.DeviceRequest(device_ids=list(s.gpu_devices), capabilities=[["gpu"]])]
         return kw
 
 
@@ -143,6 +154,8 @@ def run_options(image: str, python: str, spec_path: Path | list[Path], out_dir: 
         **env,
     }
     labels = {RUN_LABEL: run_id, OWNER_LABEL: owner(), CELL_LABEL: ",".join(cell_ids)}
+    if allocation.task_tag():
+        labels[TASK_LABEL] = allocation.task_tag()
     return RunOptions(image=image, command=(python, "-m", "kvmatrix.runners", *map(str, spec_paths)),
                       settings=settings, mounts=tuple(mounts), env=full_env, labels=labels,
                       name=_container_name(run_id, cell_ids[0]))
@@ -231,9 +244,12 @@ def engine_available() -> bool:
 # -- cleanup ---------------------------------------------------------------------
 
 def remove_run_containers(c, run_id: str) -> int:
-    """Remove every container of run ``run_id``; returns how many."""
+    """Remove every container of run ``run_id`` started by this scheduler task (every one of the run outside a
+    scheduler: tasks of one run share its name, so another task's containers are never touched); how many."""
+    task = allocation.task_tag()
+    labels = [f"{RUN_LABEL}={run_id}", *([f"{TASK_LABEL}={task}"] if task else [])]
     n = 0
-    for ct in c.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_id}"}):
+    for ct in c.containers.list(all=True, filters={"label": labels}):
         try:
             ct.remove(force=True)
             n += 1

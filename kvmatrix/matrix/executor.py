@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from kvmatrix.matrix import containers, host, llamacpp, provision
+from kvmatrix.matrix import allocation, containers, host, llamacpp, provision
 from kvmatrix.matrix.external_host import ExternalHost
 from kvmatrix.matrix.llama_host import LlamaHost
 from kvmatrix.matrix.planner import Plan
@@ -143,5 +143,7 @@ def runner_git() -> dict:
 
 
 def host_facts() -> dict:
-    return {"hostname": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "platform": platform.platform()}
+    facts = {"hostname": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
+             "platform": platform.platform()}
+    sched = allocation.scheduler()
+    return {**facts, "scheduler": sched} if sched else facts

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kvmatrix import catalog
+from kvmatrix.matrix import allocation
 from kvmatrix.plumbing import envs
 from kvmatrix.plumbing.console import fail, say
 
@@ -103,23 +104,24 @@ def _vendored_source(version: str) -> LlamaSource:
         fail(f"vendored:{version}: expected a llama-cpp-python version such as {DEFAULT_SOURCE}")
     root = envs.cache_dir() / "sources" / f"llama-cpp-python-{version}"
     tree = root / f"llama_cpp_python-{version}"
-    if not envs.is_complete(root):
-        envs.reset_entry(root)
-        root.mkdir(parents=True, exist_ok=True)
-        say(f"downloading llama-cpp-python=={version} source from PyPI (~76 MB, cached)")
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             f"llama-cpp-python=={version}", "-d", str(root)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        archives = list(root.glob("*.tar.gz"))
-        if proc.returncode != 0 or not archives:
-            print(proc.stdout[-2000:], file=sys.stderr)
-            fail(f"could not download llama-cpp-python=={version} from PyPI; check the network or pass --llama-source DIR")
-        with tarfile.open(archives[0]) as tf:
-            tf.extractall(root, filter="data")
-        archives[0].unlink()
-        envs.mark_complete(root, {"version": version})
+    with envs.entry_lock(root):
+        if not envs.is_complete(root):
+            envs.reset_entry(root)
+            root.mkdir(parents=True, exist_ok=True)
+            say(f"downloading llama-cpp-python=={version} source from PyPI (~76 MB, cached)")
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                 f"llama-cpp-python=={version}", "-d", str(root)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            archives = list(root.glob("*.tar.gz"))
+            if proc.returncode != 0 or not archives:
+                print(proc.stdout[-2000:], file=sys.stderr)
+                fail(f"could not download llama-cpp-python=={version} from PyPI; check the network or pass --llama-source DIR")
+            with tarfile.open(archives[0]) as tf:
+                tf.extractall(root, filter="data")
+            archives[0].unlink()
+            envs.mark_complete(root, {"version": version})
     commit = vendored_commit(version) or os.environ.get("KVMATRIX_LLAMA_COMMIT") or "unknown"
     return LlamaSource(origin=f"vendored:{version}", path=tree / "vendor" / "llama.cpp", commit=commit,
                        bindings_sdist=tree, bindings_version=version)
@@ -159,34 +161,35 @@ def _tag_source(tag: str, bindings_version: str | None) -> LlamaSource:
     bindings = _vendored_source(version)
     root = envs.cache_dir() / "sources" / f"llama.cpp-{tag}"
     info = root / envs.MARKER
-    if not envs.is_complete(root):
-        envs.reset_entry(root)
-        root.mkdir(parents=True, exist_ok=True)
-        url = archive_url(tag)
-        say(f"downloading llama.cpp {tag} from {url} (cached)")
-        archive = root / f"{tag}.tar.gz"
-        try:
-            import urllib.request  # noqa: PLC0415
+    with envs.entry_lock(root):
+        if not envs.is_complete(root):
+            envs.reset_entry(root)
+            root.mkdir(parents=True, exist_ok=True)
+            url = archive_url(tag)
+            say(f"downloading llama.cpp {tag} from {url} (cached)")
+            archive = root / f"{tag}.tar.gz"
+            try:
+                import urllib.request  # noqa: PLC0415
 
-            with urllib.request.urlopen(url, timeout=60) as resp, open(archive, "wb") as fh:
-                shutil.copyfileobj(resp, fh)
-        except (OSError, ValueError) as exc:
-            shutil.rmtree(root, ignore_errors=True)
-            fail(f"cannot download llama.cpp {tag} from {url} ({exc}); on a host without GitHub access set "
-                 f"{ARCHIVE_URL_ENV} to a mirror, or pass --llama DIR (a checkout of {tag}) or {DEFAULT_SOURCE}")
-        try:
-            with tarfile.open(archive) as tf:
-                commit = (tf.pax_headers.get("comment") or "unknown")[:7]  # GitHub archives carry the commit id
-                tf.extractall(root, filter="data")
-        except (tarfile.TarError, OSError) as exc:
-            shutil.rmtree(root, ignore_errors=True)
-            fail(f"llama.cpp {tag} from {url} is not a readable .tar.gz ({exc}); check {ARCHIVE_URL_ENV} or the mirror")
-        archive.unlink()
-        trees = [p for p in root.iterdir() if p.is_dir()]
-        if len(trees) != 1 or not (trees[0] / "CMakeLists.txt").is_file():
-            shutil.rmtree(root, ignore_errors=True)
-            fail(f"llama.cpp {tag} from {url} does not hold one llama.cpp tree (a top folder with CMakeLists.txt)")
-        envs.mark_complete(root, {"tag": tag, "commit": commit, "url": url})
+                with urllib.request.urlopen(url, timeout=60) as resp, open(archive, "wb") as fh:
+                    shutil.copyfileobj(resp, fh)
+            except (OSError, ValueError) as exc:
+                shutil.rmtree(root, ignore_errors=True)
+                fail(f"cannot download llama.cpp {tag} from {url} ({exc}); on a host without GitHub access set "
+                     f"{ARCHIVE_URL_ENV} to a mirror, or pass --llama DIR (a checkout of {tag}) or {DEFAULT_SOURCE}")
+            try:
+                with tarfile.open(archive) as tf:
+                    commit = (tf.pax_headers.get("comment") or "unknown")[:7]  # GitHub archives carry the commit id
+                    tf.extractall(root, filter="data")
+            except (tarfile.TarError, OSError) as exc:
+                shutil.rmtree(root, ignore_errors=True)
+                fail(f"llama.cpp {tag} from {url} is not a readable .tar.gz ({exc}); check {ARCHIVE_URL_ENV} or the mirror")
+            archive.unlink()
+            trees = [p for p in root.iterdir() if p.is_dir()]
+            if len(trees) != 1 or not (trees[0] / "CMakeLists.txt").is_file():
+                shutil.rmtree(root, ignore_errors=True)
+                fail(f"llama.cpp {tag} from {url} does not hold one llama.cpp tree (a top folder with CMakeLists.txt)")
+            envs.mark_complete(root, {"tag": tag, "commit": commit, "url": url})
     commit = json.loads(info.read_text()).get("commit", "unknown")
     tree = next(p for p in root.iterdir() if p.is_dir())
     return LlamaSource(origin=tag, path=tree, commit=commit, bindings_sdist=bindings.bindings_sdist,
@@ -356,34 +359,35 @@ def ensure_build(source: LlamaSource, cuda: str = "auto", jobs: int | None = Non
     bk = build_key(source, cuda)
     has_cuda, arch, flags, build_dir = bk.cuda, bk.arch, list(bk.flags), bk.build_dir
     info_file = build_dir / "kvmatrix-build.json"
-    if not envs.is_complete(build_dir):
-        _adopt_legacy_build(source, flags, build_dir)
-    if envs.is_complete(build_dir) and info_file.is_file():
-        info = json.loads(info_file.read_text())
+    with envs.entry_lock(build_dir):  # one builder per build; others wait, then find it complete
+        if not envs.is_complete(build_dir):
+            _adopt_legacy_build(source, flags, build_dir)
+        if envs.is_complete(build_dir) and info_file.is_file():
+            info = json.loads(info_file.read_text())
+            return LlamaBuild(source=source, build_dir=build_dir, bin_dir=build_dir / "bin", cmake_flags=flags,
+                              cuda=has_cuda, compiler=info["compiler"], build_seconds=info["build_seconds"], info=info)
+        envs.reset_entry(build_dir)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        launcher = ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"] if shutil.which("ccache") else []
+        jobs = jobs or max(2, allocation.cpu_count())
+        say(f"building llama.cpp {source.commit} ({'CUDA ' + (arch or '') if has_cuda else 'CPU'}) "
+            f"with {jobs} jobs into {build_dir} (cached after this; ~10 min on 2 cores, seconds with a warm ccache)")
+        t0 = time.monotonic()
+        log = build_dir / "build.log"
+        _stream(["cmake", "-S", str(source.path), "-B", str(build_dir), *flags, *launcher], log, "configure")
+        _stream(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", "llama-server", "llama"], log, "build")
+        seconds = time.monotonic() - t0
+        gather_shared_libraries(build_dir)
+        if not (build_dir / "bin" / "llama-server").is_file() or not (build_dir / "bin" / "libllama.so").is_file():
+            fail(f"llama.cpp build finished without bin/llama-server or bin/libllama.so; see {log}")
+        info = {"compiler": _compiler(build_dir), "build_seconds": round(seconds, 1), "cmake_flags": flags,
+                "commit": source.commit, "source_digest": bk.source_digest, "built_from": str(source.path),
+                "cuda": has_cuda, "cuda_arch": arch, "nvcc": _nvcc_version() if has_cuda else None}
+        info_file.write_text(json.dumps(info, indent=1))
+        envs.mark_complete(build_dir, info)
+        say(f"llama.cpp build done in {seconds:.0f}s")
         return LlamaBuild(source=source, build_dir=build_dir, bin_dir=build_dir / "bin", cmake_flags=flags,
-                          cuda=has_cuda, compiler=info["compiler"], build_seconds=info["build_seconds"], info=info)
-    envs.reset_entry(build_dir)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    launcher = ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"] if shutil.which("ccache") else []
-    jobs = jobs or os.cpu_count() or 2
-    say(f"building llama.cpp {source.commit} ({'CUDA ' + (arch or '') if has_cuda else 'CPU'}) "
-        f"with {jobs} jobs into {build_dir} (cached after this; ~10 min on 2 cores, seconds with a warm ccache)")
-    t0 = time.monotonic()
-    log = build_dir / "build.log"
-    _stream(["cmake", "-S", str(source.path), "-B", str(build_dir), *flags, *launcher], log, "configure")
-    _stream(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", "llama-server", "llama"], log, "build")
-    seconds = time.monotonic() - t0
-    gather_shared_libraries(build_dir)
-    if not (build_dir / "bin" / "llama-server").is_file() or not (build_dir / "bin" / "libllama.so").is_file():
-        fail(f"llama.cpp build finished without bin/llama-server or bin/libllama.so; see {log}")
-    info = {"compiler": _compiler(build_dir), "build_seconds": round(seconds, 1), "cmake_flags": flags,
-            "commit": source.commit, "source_digest": bk.source_digest, "built_from": str(source.path),
-            "cuda": has_cuda, "cuda_arch": arch, "nvcc": _nvcc_version() if has_cuda else None}
-    info_file.write_text(json.dumps(info, indent=1))
-    envs.mark_complete(build_dir, info)
-    say(f"llama.cpp build done in {seconds:.0f}s")
-    return LlamaBuild(source=source, build_dir=build_dir, bin_dir=build_dir / "bin", cmake_flags=flags,
-                      cuda=has_cuda, compiler=info["compiler"], build_seconds=seconds, info=info)
+                          cuda=has_cuda, compiler=info["compiler"], build_seconds=seconds, info=info)
 
 
 def _adopt_legacy_build(source: LlamaSource, flags: list[str], build_dir: Path) -> None:
@@ -550,7 +554,7 @@ def ensure_variant_env(source: LlamaSource, build: LlamaBuild, variant: str) -> 
     if source.bindings_sdist is None:
         fail(f"no llama-cpp-python source matches {source.origin}; the {variant} variant needs {DEFAULT_SOURCE}")
     cmake_args = pip_cmake_args(build) if variant == "pip" else ""
-    jobs = str(os.cpu_count() or 2)
+    jobs = str(max(2, allocation.cpu_count()))
     say(f"bindings variant '{variant}': pip compiles llama-cpp-python's vendored llama.cpp "
         f"(CMAKE_ARGS={cmake_args or '<none>'}; ~10 min on 2 cores, cached after this)")
     py = envs.ensure_venv(f"llamacpp-{variant}", [*RUNNER_REQUIREMENTS, str(source.bindings_sdist)],

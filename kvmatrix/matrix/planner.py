@@ -12,14 +12,13 @@ server x prefix caching off / on) all produce the same ``Plan``.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kvmatrix import catalog
+from kvmatrix.matrix import allocation, containers, llamacpp
 from kvmatrix.matrix import cells as cellmod
-from kvmatrix.matrix import containers, llamacpp
 from kvmatrix.matrix import vllm as vllmenv
 from kvmatrix.plumbing.console import UserError, fail, say
 from kvmatrix.runners import engine_args as eargs
@@ -116,7 +115,7 @@ def requests_in_flight(experiment: ExperimentSpec) -> int:
 
 def base_runtime(args) -> RuntimeSpec:
     """The run's RuntimeSpec from the options (``prefix`` has only --n-ctx and --threads: the rest default)."""
-    threads = args.threads or os.cpu_count() or 1
+    threads = args.threads or allocation.cpu_count()
     return RuntimeSpec(n_ctx=args.n_ctx, n_batch=getattr(args, "n_batch", 2048), n_ubatch=getattr(args, "n_ubatch", 512),
                        flash_attn=getattr(args, "flash_attn", "off") == "on", cache_ram_mib=getattr(args, "cache_ram", 0),
                        n_threads=threads, n_threads_batch=threads)
@@ -177,7 +176,7 @@ def parse_engine_args(values: list[str]) -> dict[str, list[str]]:
         raise UserError(str(exc)) from None
 
 
-def parse_runtimes(text: str, matrix: bool) -> list[str]:
+def parse_runtimes(text: str, matrix: bool, check_engine: bool = True) -> list[str]:
     runtimes = cellmod.parse_list(text, RUNTIMES, "runtime")
     if not runtimes:
         fail(f"--runtime {text!r}: use one of {', '.join(RUNTIMES)}")
@@ -185,7 +184,7 @@ def parse_runtimes(text: str, matrix: bool) -> list[str]:
         fail("run takes one runtime; use `matrix` (nox -s matrix) for --runtime host,docker")
     if len(runtimes) != len(set(runtimes)) or (len(runtimes) > 1 and "auto" in runtimes):
         fail(f"--runtime {text!r}: list each runtime once, host and/or docker (auto picks one)")
-    if "docker" in runtimes:  # refused now, not after the sources are fetched and the model generated
+    if "docker" in runtimes and check_engine:  # refused now, not after the sources are fetched and the model generated
         down = containers.engine_down()
         if down:
             fail(f"--runtime {text} needs a Docker engine and {down}; start dockerd (or set DOCKER_HOST), "
@@ -260,7 +259,7 @@ def plan_run(args) -> Plan:
         if llamacpp.build_number(spec_text) is not None:
             llamacpp.bindings_for_tag(spec_text, bindings_version)
             llamacpp.archive_url(spec_text)
-    runtimes = parse_runtimes(args.runtime, matrix)
+    runtimes = parse_runtimes(args.runtime, matrix, check_engine=not getattr(args, "emit", None))  # emit: on the nodes
 
     # -- the cells: runtime x (family, version) x phase x build x experiment x config; then this host's shard
     notes = []

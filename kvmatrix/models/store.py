@@ -20,7 +20,15 @@ from kvmatrix.models import hub
 from kvmatrix.models.gguf_meta import gguf_summary
 from kvmatrix.models.presets import PRESETS, get_preset
 from kvmatrix.plumbing.console import fail, say
-from kvmatrix.plumbing.envs import cache_dir, content_key, ensure_venv, is_complete, mark_complete, reset_entry
+from kvmatrix.plumbing.envs import (
+    cache_dir,
+    content_key,
+    ensure_venv,
+    entry_lock,
+    is_complete,
+    mark_complete,
+    reset_entry,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = Path(__file__).resolve().parent
@@ -105,27 +113,30 @@ def package_root() -> Path:
 
 def _build(entry: Path, args: list[str], what: str, info: dict) -> None:
     """Run generate.py into a temp dir, move it to ``entry`` and mark it complete."""
-    reset_entry(entry)
-    tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    python = model_python()
-    root = package_root()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    say(f"{what} into {entry.name} (cached after this)")
-    try:
-        proc = subprocess.run([str(python), "-m", "kvmatrix.models.generate", *args, "--out", str(tmp)],
-                              env=env, cwd=str(root))
-        if proc.returncode != 0:
-            fail(f"{what} failed (exit {proc.returncode}); see the output above, fix it and rerun")
-        if "hf_files" in info:  # record the source HF files we keyed on
-            manifest = json.loads((tmp / "manifest.json").read_text())
-            manifest["hf_files"] = info["hf_files"]
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, entry)
-    finally:
+    with entry_lock(entry):  # one generator per entry; others wait, then find it complete
+        if is_complete(entry):
+            return
+        reset_entry(entry)
+        tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-    mark_complete(entry, info)
+        python = model_python()
+        root = package_root()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+        say(f"{what} into {entry.name} (cached after this)")
+        try:
+            proc = subprocess.run([str(python), "-m", "kvmatrix.models.generate", *args, "--out", str(tmp)],
+                                  env=env, cwd=str(root))
+            if proc.returncode != 0:
+                fail(f"{what} failed (exit {proc.returncode}); see the output above, fix it and rerun")
+            if "hf_files" in info:  # record the source HF files we keyed on
+                manifest = json.loads((tmp / "manifest.json").read_text())
+                manifest["hf_files"] = info["hf_files"]
+                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, entry)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        mark_complete(entry, info)
 
 
 def _files(entry: Path, name: str, hf_dir: Path | None) -> ModelFiles:

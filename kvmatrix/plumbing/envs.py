@@ -9,6 +9,7 @@ interrupted creation is removed and redone on the next call.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from kvmatrix.plumbing.console import fail, say
@@ -53,6 +55,24 @@ def reset_entry(path: Path) -> None:
     """Remove a half-made cache entry so it can be made again."""
     if path.exists() and not is_complete(path):
         shutil.rmtree(path)
+
+
+@contextmanager
+def entry_lock(path: Path):
+    """Hold an exclusive lock on cache entry ``path`` (the file ``.<name>.lock`` beside it) while it is checked
+    and made: two processes sharing the cache (Slurm tasks on one node, two shells) never make or reset the same
+    entry at once; the second waits, then finds it complete. ``flock``: local file systems and NFSv4."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another kvmatrix process that is making {path.name}")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def base_python() -> str:
@@ -108,32 +128,35 @@ def ensure_venv(
     venv = cache_dir() / "venvs" / f"{name}-{key}"
     if is_complete(venv):
         return venv_python(venv)
-    reset_entry(venv)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    say(f"creating environment {venv.name} ({len(requirements)} requirements; cached after this)")
-    _run([base, "-m", "venv", *(["--system-site-packages"] if offline else []), str(venv)], what=f"create venv {venv}")
-    py = str(venv_python(venv))
-    if offline:
-        _inherit_site_packages(venv, py)
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    full_env.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
-    if requirements:
-        cmd = [py, "-m", "pip", "install", "--progress-bar", "off", *(pip_args or []), *requirements, *wheels]
-        _run(cmd, what=f"pip install into {venv.name}", env=full_env, wheels=offline)
-    if import_check:
-        proc = subprocess.run([py, "-c", import_check], env=full_env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            m = re.findall(r"No module named '([^']+)'", proc.stderr)
-            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            shutil.rmtree(venv, ignore_errors=True)
-            if m and offline:
-                fail(f"{name}: module {m[-1]!r} is missing from KVMATRIX_OFFLINE_WHEELS={offline}; add the wheel "
-                     f"that provides it (where an index is reachable: pip download --no-deps --only-binary=:all: "
-                     f"{m[-1].split('.')[0]} -d DIR) and rerun")
-            fail(f"{name}: the new environment cannot import what it needs ({last}); fix that and rerun")
-    mark_complete(venv, {"requirements": requirements, "env": env or {}, "python": base,
-                         **({"offline_wheels": [Path(w).name for w in wheels]} if wheels else {})})
+    with entry_lock(venv):
+        if is_complete(venv):  # made by another process while this one waited
+            return venv_python(venv)
+        reset_entry(venv)
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        say(f"creating environment {venv.name} ({len(requirements)} requirements; cached after this)")
+        _run([base, "-m", "venv", *(["--system-site-packages"] if offline else []), str(venv)], what=f"create venv {venv}")
+        py = str(venv_python(venv))
+        if offline:
+            _inherit_site_packages(venv, py)
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+        if requirements:
+            cmd = [py, "-m", "pip", "install", "--progress-bar", "off", *(pip_args or []), *requirements, *wheels]
+            _run(cmd, what=f"pip install into {venv.name}", env=full_env, wheels=offline)
+        if import_check:
+            proc = subprocess.run([py, "-c", import_check], env=full_env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                m = re.findall(r"No module named '([^']+)'", proc.stderr)
+                last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                shutil.rmtree(venv, ignore_errors=True)
+                if m and offline:
+                    fail(f"{name}: module {m[-1]!r} is missing from KVMATRIX_OFFLINE_WHEELS={offline}; add the wheel "
+                         f"that provides it (where an index is reachable: pip download --no-deps --only-binary=:all: "
+                         f"{m[-1].split('.')[0]} -d DIR) and rerun")
+                fail(f"{name}: the new environment cannot import what it needs ({last}); fix that and rerun")
+        mark_complete(venv, {"requirements": requirements, "env": env or {}, "python": base,
+                             **({"offline_wheels": [Path(w).name for w in wheels]} if wheels else {})})
     return venv_python(venv)
 
 

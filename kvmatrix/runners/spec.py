@@ -22,7 +22,11 @@ class SpecError(ValueError):
 
 
 def default_threads() -> int:
-    return os.cpu_count() or 1
+    """The CPUs this process may run on (its affinity mask: a Slurm task's or a container's share)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

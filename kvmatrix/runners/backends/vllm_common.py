@@ -482,12 +482,19 @@ def engine_env(flags: VersionFlags, spec, opts: EngineOptions, run_dir: Path | N
 
 
 def cpu_bind(n_threads: int) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for n threads: cores 0..n-1 (the worker runs one OpenMP thread per core)."""
-    cpus = os.cpu_count() or 1
-    if n_threads > cpus:
-        raise EngineError(f"n_threads={n_threads} but this machine has {cpus} CPUs; vLLM binds one OpenMP thread "
-                          f"per core: use --threads {cpus} or fewer")
-    return "0" if n_threads == 1 else f"0-{n_threads - 1}"
+    """VLLM_CPU_OMP_THREADS_BIND for n threads: the first n cores this process may use (its affinity mask: a
+    scheduler task's share), as a range when they are contiguous (the worker runs one OpenMP thread per core)."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = list(range(os.cpu_count() or 1))
+    if n_threads > len(allowed):
+        raise EngineError(f"n_threads={n_threads} but this process may use {len(allowed)} CPUs; vLLM binds one "
+                          f"OpenMP thread per core: use --threads {len(allowed)} or fewer")
+    cores = allowed[:n_threads]
+    if cores[-1] - cores[0] == len(cores) - 1:
+        return str(cores[0]) if len(cores) == 1 else f"{cores[0]}-{cores[-1]}"
+    return ",".join(map(str, cores))
 
 
 RUN_DIR_PREFIX = "kvmatrix-vllm-"
