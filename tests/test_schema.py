@@ -14,6 +14,7 @@ import pytest
 
 from kvmatrix.analysis import load, schema
 from kvmatrix.analysis.load import Problem, is_cell_file, load_checked, load_dirs, read_checked
+from kvmatrix.matrix import planfile
 from kvmatrix.runners import document
 from kvmatrix.runners.document import CellDoc, Condition, Model, ScanPoint
 from kvmatrix.runners.results import SCHEMA_VERSION, Trial, load_cells
@@ -90,7 +91,8 @@ def test_runner_keys_are_the_non_optional_fields():
 
 
 def test_committed_json_is_cells_or_cell_specs():
-    """Every committed *.json is a cell result or a cell spec (cells/ folders), as load_cells decides."""
+    """Every committed *.json is a cell result, a cell spec (cells/ folders) or a scheduler's plan.json, as
+    load_cells decides."""
     cells = committed_cells()
     assert len(cells) > 100
     for f in committed_json():
@@ -98,7 +100,8 @@ def test_committed_json_is_cells_or_cell_specs():
         is_cell = bool(isinstance(d, dict) and d.get("schema_version") and "cell_id" in d)
         assert is_cell == is_cell_file(d), f
         if not is_cell:
-            assert f.parent.name == "cells" and "out_dir" in d, f"{f}: neither a cell nor a cell spec"
+            assert (f.parent.name == "cells" and "out_dir" in d) or planfile.is_plan(d), (
+                f"{f}: neither a cell, a cell spec nor a scheduler plan")
 
 
 @pytest.mark.parametrize("path", committed_cells(), ids=lambda p: str(p.relative_to(RESULTS)))

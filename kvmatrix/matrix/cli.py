@@ -1,4 +1,4 @@
-"""Host-side entry point: ``kvmatrix`` / ``python -m kvmatrix.matrix {build,model,run,matrix,prefix,clean}``.
+"""Host-side entry point: ``kvmatrix`` / ``python -m kvmatrix.matrix {build,model,run,matrix,prefix,status,clean}``.
 
 Command-line parsing only: ``run``, ``matrix`` and ``prefix`` go through the planner (options -> cells,
 every spec checked BEFORE any work: ``matrix/planner.py``) and the executor (environments, cell specs,
@@ -23,7 +23,7 @@ from kvmatrix.runners import engine_args as eargs
 DESCRIPTION = """\
 kvmatrix: what prefix (KV) caching buys and what invalidating it costs, across vLLM and llama.cpp.
 
-Commands: build, model, run, matrix, prefix, clean; `kvmatrix COMMAND --help` lists a command's options.
+Commands: build, model, run, matrix, prefix, status, clean; `kvmatrix COMMAND --help` lists a command's options.
 `run` prepares everything its phases need (llama.cpp source and build for phases 3a/3b, the generated model,
 the runner venvs, the vLLM venv for phases 1/2), validates every cell's spec BEFORE running any, then runs
 the cells."""
