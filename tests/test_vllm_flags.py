@@ -387,10 +387,13 @@ def test_attention_and_sampler_read_back():
 
 
 def test_threads_bind_cores_and_refuse_more_than_the_machine(monkeypatch):
-    monkeypatch.setattr(vc.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(vc.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert vc.cpu_bind(1) == "0" and vc.cpu_bind(4) == "0-3"
-    with pytest.raises(EngineError, match="this machine has 4 CPUs"):
+    with pytest.raises(EngineError, match="this process may use 4 CPUs"):
         vc.cpu_bind(8)
+    # a scheduler task's share of a shared node: its own cores, never cores 0..n-1 of another task
+    monkeypatch.setattr(vc.os, "sched_getaffinity", lambda pid: {4, 5, 9})
+    assert vc.cpu_bind(2) == "4-5" and vc.cpu_bind(3) == "4,5,9"
 
 
 # ---------------------------------------------------------------- model directory
