@@ -118,6 +118,8 @@ def test_a_task_refuses_a_plan_its_checkout_expands_differently(tmp_path):
     plan_file.write_text(json.dumps(doc))
     proc = run_kvmatrix("matrix", "--plan", str(plan_file), "--task", "9", "--out", str(run))
     assert proc.returncode == 2 and "tasks 1 to 4" in proc.stderr
+    proc = run_kvmatrix("matrix", "--plan", str(plan_file), "--task", "1", "--trials", "3")
+    assert proc.returncode == 2 and "--trials: a task takes its options from the plan" in proc.stderr, proc.stderr
     proc = run_kvmatrix("matrix", "--task", "1")
     assert proc.returncode == 2 and "--plan RUN/plan.json and --task I go together" in proc.stderr
     assert sorted(p.name for p in run.glob("*.json")) == ["plan.json"]  # nothing ran, nothing written

@@ -344,6 +344,10 @@ def run(args) -> int:
     if getattr(args, "plan", None) is not None or getattr(args, "task", None) is not None:
         if args.plan is None or args.task is None:
             fail("--plan RUN/plan.json and --task I go together (a scheduler task runs one cell of an emitted plan)")
+        given = planfile.scheduling_free(args.argv[args.argv.index("matrix") + 1:])
+        if given:
+            fail(f"{given[0]}: a task takes its options from the plan ({args.plan}); give only --plan, --task, "
+                 "--out and --resume, or emit the run again with the new options")
         args, plan = planfile.task_plan(args, lambda opts: parser().parse_args(["matrix", *opts]))
         docs, starts = executor.execute(args, plan)
         return _finish(docs, starts, f"results in {plan.out_dir}")
