@@ -157,7 +157,12 @@ class LocalSlurm:
         self.stop()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":  # a cluster for trying things by hand: SLURM_CONF=DIR/slurm.conf sbatch ...
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, kill: the daemons stop with it
     with LocalSlurm(Path(sys.argv[1]), max_array_size=int(sys.argv[2]) if len(sys.argv) > 2 else 1001) as c:
         print(f"export SLURM_CONF={c.conf}", flush=True)
         try:
