@@ -214,7 +214,7 @@ def load_cells(paths: list[str | Path]) -> list[dict]:
         for f in files:
             try:
                 doc = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: read_checked names it
                 continue
             if isinstance(doc, dict) and doc.get("schema_version") and "cell_id" in doc:
                 doc["_path"] = str(f)
