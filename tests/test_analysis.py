@@ -817,6 +817,20 @@ def test_provenance_row_names_the_container_image_and_runner_commit():
     row = provenance_row(doc)
     assert row["runtime"] == "docker" and row["runner git"] == "0ecea17abc dirty"
     assert row["image"] == "a2b462cb62a5 (kvmatrix/llamacpp:vendored-0.3.36-cpu-31f55faed2)"
+    assert row["scheduler"] is None
+
+
+def test_provenance_names_the_scheduler_task_a_cell_ran_as():
+    from kvmatrix.analysis.load import as_doc
+    from kvmatrix.analysis.provenance import _provenance_section, provenance_row
+
+    doc = cell("3a", "llamacpp_http", 512, 256, [10, 11], [90, 91])
+    plain = _provenance_section([as_doc(doc)])
+    doc["provenance"]["host"] = {"hostname": "gpu7", "scheduler": {
+        "kind": "slurm", "slurm_job_id": "44", "slurm_array_job_id": "40", "slurm_array_task_id": "4",
+        "slurmd_nodename": "gpu7"}}
+    assert provenance_row(doc)["scheduler"] == "slurm job 40_4 on gpu7"
+    assert "slurm job 40_4 on gpu7" in _provenance_section([as_doc(doc)]) and "scheduler" not in plain
 
 
 def test_harness_overhead_section(full_report):

@@ -89,8 +89,21 @@ def provenance_row(cell: CellDoc | dict) -> dict:
         "model": cell.model.name,
         "sha256": sha[:12] or None,
         "host": host_text(prov.host),
+        "scheduler": scheduler_text(prov.host),
         "device": roofline.gpu_name(cell) if roofline.runs_on_gpu(cell) else ("CPU" if prov.to_dict() else None),
     }
+
+
+def scheduler_text(host) -> str | None:
+    """The scheduler task a cell ran as: ``slurm job 12_3 on node7`` / ``kubernetes index 4 on node7``."""
+    sched = (host or {}).get("scheduler") if isinstance(host, dict) else None
+    if not sched:
+        return None
+    if sched.get("kind") == "slurm":
+        job = sched.get("slurm_array_job_id") or sched.get("slurm_job_id")
+        task = sched.get("slurm_array_task_id")
+        return f"slurm job {job}{'_' + task if task else ''} on {sched.get('slurmd_nodename') or '?'}"
+    return f"{sched.get('kind')} index {sched.get('job_completion_index')} on {sched.get('kvmatrix_k8s_node') or '?'}"
 
 
 def host_text(host) -> str | None:
@@ -134,4 +147,6 @@ def _parity_section(cells: list[CellDoc]) -> str:
 
 def _provenance_section(cells: list[CellDoc]) -> str:
     rows = [provenance_row(c) for c in sorted(cells, key=cell_key)]
+    if not any(r["scheduler"] for r in rows):  # a scheduler column only for runs a scheduler ran
+        rows = [{k: v for k, v in r.items() if k != "scheduler"} for r in rows]
     return "## Provenance\n\n" + table(rows)
