@@ -172,46 +172,55 @@ def section(cells, figure_lines: list[str] = ()) -> str:
     return "\n\n".join(parts)
 
 
+SERIES_IN = 1.3  # fig7: inches per series (its hit and miss stacks)
+
+
 def breakdown_figure(cells):
-    """Stacked bars of the breakdown per series: hit and miss side by side; a note string when there is none."""
+    """Stacked bars of the breakdown per series: hit and miss side by side, many series in several axes
+    rows; a note string when there is none."""
     rows = [r for r in overhead_rows(cells) if r.parts and r.condition in ("cache_hit", "cache_miss")]
     if not rows:
         return "no calibrated cells with a TTFT breakdown"
-    from matplotlib.figure import Figure  # noqa: PLC0415 - no pyplot: no global state (as figures.py)
+    from matplotlib.patches import Patch  # noqa: PLC0415 - matplotlib only for the figure (no pyplot)
+
+    from kvmatrix.analysis import plot  # noqa: PLC0415
 
     series = list(dict.fromkeys((r.phase, r.series) for r in rows))
-    fig = Figure(figsize=(min(16, 2.2 + 1.3 * len(series)), 4.2))
-    ax = fig.subplots()
+    chunks = plot.split(series, plot.per_row(SERIES_IN, 1.2))
+    most = max(len(c) for c in chunks)
+    fig, (axes,) = plot.grid(1, plot.panel_width(most, SERIES_IN, 1.2, least=6.0), 3.6, per_panel=len(chunks),
+                             sharey=True)
     colours = {"client_ms": "#4c72b0", "interface_ms": "#dd8452", "engine_ms": "#55a868"}
     width = 0.38
     totals = [sum(max(0.0, r.parts.get(p) or 0.0) for p in PARTS) for r in rows]
     typical = statistics.median(totals)
     # a few huge bars (a host-RAM cache restore: ~1 s) would flatten the rest: clip them, label the value
     top = 1.15 * max([t for t in totals if t <= 5 * typical] or totals)
-    for i, key in enumerate(series):
-        for j, cond in enumerate(("cache_hit", "cache_miss")):
-            r = next((x for x in rows if (x.phase, x.series) == key and x.condition == cond), None)
-            if r is None:
-                continue
-            x = i + (j - 0.5) * width
-            bottom = 0.0
-            for p in PARTS:
-                v = max(0.0, r.parts.get(p) or 0.0)
-                ax.bar(x, min(v, max(0.0, top - bottom)), width * 0.95, bottom=bottom, color=colours[p],
-                       alpha=1.0 if cond == "cache_miss" else 0.6,
-                       label=PART_LABELS[p] if i == 0 and j == 0 else None, edgecolor="white", linewidth=0.5)
-                bottom += v
-            label = "hit" if cond == "cache_hit" else "miss"
-            if bottom > top:
-                label += f"\n{bottom:.0f} ms ↑"
-            ax.text(x, min(bottom, top), label, ha="center", va="bottom", fontsize=7)
-    ax.set_ylim(0, top * 1.12)
-    ax.set_xticks(range(len(series)), [f"{p} {s}" for p, s in series], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("median TTFT part (ms)")
-    fig.suptitle("TTFT breakdown per backend: client / interface / engine (hit light, miss dark)", fontsize=10)
-    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=3, frameon=False)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    for ax, chunk in zip(axes, chunks, strict=True):
+        for i, key in enumerate(chunk):
+            for j, cond in enumerate(("cache_hit", "cache_miss")):
+                r = next((x for x in rows if (x.phase, x.series) == key and x.condition == cond), None)
+                if r is None:
+                    continue
+                x = i + (j - 0.5) * width
+                bottom = 0.0
+                for p in PARTS:
+                    v = max(0.0, r.parts.get(p) or 0.0)
+                    ax.bar(x, min(v, max(0.0, top - bottom)), width * 0.95, bottom=bottom, color=colours[p],
+                           alpha=1.0 if cond == "cache_miss" else 0.6, edgecolor="white", linewidth=0.5)
+                    bottom += v
+                label = "hit" if cond == "cache_hit" else "miss"
+                if bottom > top:
+                    label += f"\n{bottom:.0f} ms ↑"
+                ax.text(x, min(bottom, top), label, ha="center", va="bottom", fontsize=7)
+        plot.xticks(ax, range(len(chunk)), [f"{p} {s}" for p, s in chunk])
+        ax.set_xlim(-0.6, most - 0.4)
+        ax.set_ylabel("median TTFT part (ms)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylim(0, top * 1.12)
+    handles = [Patch(facecolor=colours[p], label=PART_LABELS[p]) for p in PARTS]
+    plot.finish(fig, "TTFT breakdown per backend: client / interface / engine (hit light, miss dark)", handles,
+                title_size=10)
     return fig
 
 

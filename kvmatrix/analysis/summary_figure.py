@@ -9,7 +9,6 @@ by), so a large % on a fast engine and a small % on a slow one read as what they
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,7 +17,7 @@ from matplotlib.patches import Patch
 
 from kvmatrix.analysis import plot, summary
 from kvmatrix.analysis.figure import FigureSpec
-from kvmatrix.analysis.fmt import signed_pct, wrap
+from kvmatrix.analysis.fmt import signed_pct
 from kvmatrix.analysis.labels import config_key, phase_key, settings_text
 
 if TYPE_CHECKING:
@@ -27,9 +26,10 @@ if TYPE_CHECKING:
 
 SECTION = "summary"  # report.md embeds it with figure.embed(figures, "summary")
 MAX_SERIES = 8  # series per panel; a model with more is split by phase, then into chunks
-SERIES_IN = 0.15  # inches per series, plus BAR_IN per config
+SERIES_IN = 0.45  # inches per series, plus BAR_IN per config
 BAR_IN = 0.27
 PANEL_H = 3.9
+TITLE = "What a cache miss costs: miss − hit TTFT (ms)"  # one line: the bars stay on the first screen
 NO_PAIRS = "no ok invalidation cell with both cache-hit and cache-miss TTFT trials"
 
 
@@ -96,15 +96,6 @@ def _hit_text(bars: list[Bar]) -> str:
     return f"hit {lo} ms" if lo == hi else f"hit {lo}–{hi} ms"
 
 
-def _symlog(values: list[float]) -> float | None:
-    """The linear threshold of a symlog axis when a few differences would flatten the rest, else None."""
-    mags = sorted(abs(v) for v in values if v)
-    if not mags:
-        return None
-    typical = max(statistics.median(mags), 0.1)
-    return typical if mags[-1] / typical > plot.LOG_RATIO else None
-
-
 def _panel(ax, panel: Panel, configs: list[tuple], colors: dict) -> None:
     names = list(dict.fromkeys(b.name for b in panel.bars))
     shown = sorted({(b.miss.a, b.miss.b) for b in panel.bars}, key=lambda ab: config_key(*ab))
@@ -120,34 +111,17 @@ def _panel(ax, panel: Panel, configs: list[tuple], colors: dict) -> None:
                     plot.na_mark(ax, pos)
                 continue
             m = b.miss
-            v = m.miss_minus_hit_ms
-            lo = m.miss_minus_hit_ci_lo if m.miss_minus_hit_ci_lo is not None else v
-            hi = m.miss_minus_hit_ci_hi if m.miss_minus_hit_ci_hi is not None else v
-            ax.bar(pos, v, w, yerr=[[max(0.0, v - lo)], [max(0.0, hi - v)]], capsize=2, color=colors[cfg],
-                   edgecolor="black", linewidth=0.5, error_kw={"linewidth": 0.8})
-            up = v >= 0
-            ax.annotate(signed_pct(m.miss_minus_hit_pct), (pos, max(hi, v) if up else min(lo, v)),
-                        xytext=(0, 2 if up else -2), textcoords="offset points", ha="center",
-                        va="bottom" if up else "top", fontsize=7, rotation=rotation)
-            ends += [lo, hi, v]
-    ax.axhline(0, color="black", linewidth=0.6)
-    labels = [f"{wrap(n, 13)}\n{_hit_text([b for b in panel.bars if b.name == n])}" for n in names]
+            ci = (m.miss_minus_hit_ci_lo, m.miss_minus_hit_ci_hi) if m.miss_minus_hit_ci_lo is not None else None
+            ends += plot.delta_bar(ax, pos, w, m.miss_minus_hit_ms, ci, signed_pct(m.miss_minus_hit_pct),
+                                   colors[cfg], rotation=rotation)
+    labels = [f"{n}\n{_hit_text([b for b in panel.bars if b.name == n])}" for n in names]
     plot.xticks(ax, range(len(names)), labels, fontsize=7)
     ax.set_xlim(-0.5, len(names) - 0.5)
     for x in range(len(names) - 1):
         ax.axvline(x + 0.5, color="grey", linewidth=0.5, linestyle=":")
-    top, bottom = max(ends + [0.0]), min(ends + [0.0])
-    thresh = _symlog(ends)
-    if thresh is not None:
-        ax.set_yscale("symlog", linthresh=thresh)
-        ax.set_ylim(bottom * 4 if bottom < 0 else 0.0, top * 4 if top > 0 else thresh)
-    else:
-        span = (top - bottom) or 1.0
-        ax.set_ylim(bottom - (0.15 * span if bottom < 0 else 0.0), top + 0.18 * span)
-    ax.set_ylabel("Miss − hit, median TTFT (ms)" + (f"\nsymlog: linear within ±{thresh:.2g} ms" if thresh else ""),
-                  fontsize=8)
+    note = plot.delta_axis(ax, ends)
+    ax.set_ylabel("Miss − hit, median TTFT (ms)" + (f"\n{note}" if note else ""), fontsize=8)
     ax.set_title(panel.title, fontsize=10, loc="left", fontweight="bold")
-    ax.grid(axis="y", alpha=0.3)
 
 
 def fig0_summary(ev: Evidence) -> Figure | str:
@@ -163,20 +137,16 @@ def fig0_summary(ev: Evidence) -> Figure | str:
     fig, axes = plot.grid(len(ps), plot.panel_width(1, most, margin_in=1.0, least=4.5), PANEL_H, max_cols=2)
     for (ax,), panel in zip(axes, ps, strict=True):
         _panel(ax, panel, configs, colors)
-    handles = [Patch(facecolor=colors[c], edgecolor="black", label=f"A/B = {c[0]}/{c[1]} tokens") for c in configs]
-    plot.finish(fig, "What a cache miss costs: miss − hit streaming TTFT, one panel per model\n"
-                     f"bar = difference of the medians (ms), {plot.CI_NOTE.replace('the median', 'it')}; "
-                     "label = the same in % of the hit; under each series: its hit TTFT (the fixed cost)",
-                handles, legend_title="Config: context A / context B")
-    for (ax,) in axes:
-        plot.place_labels(ax)
+    handles = [Patch(facecolor=colors[c], edgecolor="black", label=f"A/B = {c[0]}/{c[1]}") for c in configs]
+    plot.finish(fig, TITLE, handles, legend_title="Config (tokens)")
     return fig
 
 
 FIGURES = (
     FigureSpec("fig0_summary", "Summary: what a cache miss costs per interface (miss − hit TTFT, ms)", SECTION,
                fig0_summary,
-               "Per model and interface, the miss − hit difference of the median streaming TTFTs in milliseconds "
-               "(95% bootstrap CI) per A/B config, labelled with the same difference in % of the hit; under each "
-               "series its hit TTFT, the fixed per-request cost that the percentage divides by."),
+               "One panel per model: per interface (x) and A/B config (colour) the bar is the miss − hit difference "
+               "of the median streaming TTFTs in milliseconds, error bars its 95% bootstrap CI; the label on each "
+               "bar is the same difference in % of the hit; under each interface its hit TTFT, the fixed "
+               "per-request cost that the percentage divides by."),
 )

@@ -423,21 +423,18 @@ def figure(rows: list[Row]):
     fams = families(rows)
     if not fams:
         return None
-    from matplotlib.figure import Figure  # noqa: PLC0415 - no pyplot (as figures.py)
-    from matplotlib.lines import Line2D  # noqa: PLC0415
+    from matplotlib.lines import Line2D  # noqa: PLC0415 - matplotlib only for the figure (no pyplot)
 
+    from kvmatrix.analysis import plot  # noqa: PLC0415
     from kvmatrix.analysis.fmt import wrap  # noqa: PLC0415
-    from kvmatrix.analysis.plot import err, series_color  # noqa: PLC0415 - matplotlib only for the figure
 
     interfaces = list(dict.fromkeys(i for entries in fams.values() for i in _interfaces(entries)))
     runtimes = sorted({e.runtime for entries in fams.values() for e in entries}, key=_runtime_order)
-    colors = {i: series_color(k, len(interfaces)) for k, i in enumerate(interfaces)}
+    colors = {i: plot.series_color(k, len(interfaces)) for k, i in enumerate(interfaces)}
     markers = dict(zip(runtimes, "osD^v<>p", strict=False))
-    widths = [max(4.5, 2.0 + 1.5 * len(_releases(entries))) for entries in fams.values()]
-    scale = min(1.0, 15.0 / sum(widths))  # at most ~2400 px wide at 150 dpi
-    fig = Figure(figsize=(sum(widths) * scale, 5.6))
-    axes = fig.subplots(1, len(fams), squeeze=False, width_ratios=widths)[0]
-    for ax, (fam, entries) in zip(axes, fams.items(), strict=True):
+    most = max(len(_releases(entries)) for entries in fams.values())
+    fig, axes = plot.grid(len(fams), plot.panel_width(most, 1.5, 2.0, least=4.5), 4.6)
+    for (ax,), (fam, entries) in zip(axes, fams.items(), strict=True):
         a, b = _panel_config(entries)
         shown = [e for e in entries if (e.row.a, e.row.b) == (a, b)]
         rels = _releases(entries)
@@ -452,7 +449,7 @@ def figure(rows: list[Row]):
                 pts = [(x, s) for x, s in pts if s.median is not None]
                 if not pts:
                     continue
-                arms = [err(s, log) for _, s in pts]
+                arms = [plot.err(s, log) for _, s in pts]
                 ax.errorbar([x for x, _ in pts], [s.median for _, s in pts],
                             yerr=[[e[0][0] for e in arms], [e[1][0] for e in arms]], color=colors[iface],
                             linestyle=style, marker=markers[runtime], markersize=6, capsize=3, linewidth=1.2,
@@ -471,12 +468,8 @@ def figure(rows: list[Row]):
     handles += [Line2D([], [], color="grey", linestyle="none", marker=markers[r], label=r) for r in runtimes]
     handles += [Line2D([], [], color="black", linestyle="--", marker="o", markerfacecolor="white", label="cache hit"),
                 Line2D([], [], color="black", linestyle="-", marker="o", label="cache miss")]
-    ncol = min(len(handles), 8)
-    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
-    legend_rows = -(-len(handles) // ncol)
-    fig.suptitle("TTFT per engine release: cache hit vs cache miss per interface and runtime\n"
-                 "points = median, error bars = 95% bootstrap CI of the median", fontsize=11)
-    fig.tight_layout(rect=(0, 0.02 + 0.045 * legend_rows, 1, 0.98))
+    plot.finish(fig, "TTFT per engine release: cache hit vs cache miss per interface and runtime\n"
+                     f"points = median, {plot.CI_NOTE}", handles)
     return fig
 
 

@@ -99,8 +99,7 @@ def fig5_miss_ttft_vs_nbatch(ev: Evidence) -> Figure | str:
     if not pts:
         return "no ok batch_sweep cell with cache-miss TTFT trials"
     series = list(dict.fromkeys(p.series for p in pts))
-    fig = Figure(figsize=(10.0, 5.6))
-    ax = fig.subplots()
+    fig, ((ax,),) = plot.grid(1, 10.0, 5.0)
     handles = []
     floors = False
     for i, name in enumerate(series):
@@ -124,9 +123,8 @@ def fig5_miss_ttft_vs_nbatch(ev: Evidence) -> Figure | str:
     ax.set_ylim(bottom=0)
     ax.set_xlabel("n_batch (tokens per logical batch, log2 scale; n_ubatch as recorded per cell)")
     ax.set_ylabel("Cache-miss streaming TTFT, median (ms)")
-    ax.set_title(f"Miss TTFT vs batch size\npoints = median, {plot.CI_NOTE}", fontsize=10)
-    plot.legend_right(ax, handles)
     ax.grid(alpha=0.3)
+    plot.finish(fig, f"Miss TTFT vs batch size\npoints = median, {plot.CI_NOTE}", handles, title_size=10)
     return fig
 
 

@@ -139,8 +139,7 @@ def fig2_ttft_vs_recomputed(ev: Evidence) -> Figure | str:
         return ("no measured trial of an invalidation or recompute_scan cell has prompt tokens and an "
                 "engine-reported cached-token count")
     series = list(dict.fromkeys(p.series for p in points))
-    fig = Figure(figsize=(10.5, 6.0))
-    ax = fig.subplots()
+    fig, ((ax,),) = plot.grid(1, 10.5, 5.2)
     handles = []
     xmax = max(p.recomputed for p in points)
     for i, name in enumerate(series):
@@ -169,10 +168,9 @@ def fig2_ttft_vs_recomputed(ev: Evidence) -> Figure | str:
     ax.set_ylim(bottom=0)
     ax.set_xlabel("Recomputed tokens (prompt tokens − engine-reported cached tokens)")
     ax.set_ylabel("Streaming TTFT (ms)")
-    ax.set_title("TTFT grows with the tokens the engine must recompute\nevery measured trial (warm-up trials "
-                 "excluded); lines = least-squares fit per backend", fontsize=10)
-    plot.legend_right(ax, handles)
     ax.grid(alpha=0.3)
+    plot.finish(fig, "TTFT grows with the tokens the engine must recompute\nevery measured trial (warm-up trials "
+                     "excluded); lines = least-squares fit per backend", handles, title_size=10)
     return fig
 
 

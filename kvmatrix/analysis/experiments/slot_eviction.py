@@ -228,36 +228,35 @@ def fig6_slot_eviction(ev: Evidence) -> Figure | str:
     counts = sorted({r.n_parallel for r in ev.slots if r.n_parallel is not None})
     colors = {n: f"C{i % 10}" for i, n in enumerate(counts)}
     conds = list(SLOT_CONDITIONS)
-    fig = Figure(figsize=(11.5 * len(groups) + 1.5, 12.0))
-    axes = fig.subplots(3, len(groups), squeeze=False, sharex=True)
+    fig, columns = plot.grid(len(groups), 11.5, 3.6, per_panel=3, max_cols=1)
     w = 0.8 / max(1, len(counts))
     panels = [("ttft_ms", "Timed query TTFT,\nmedian (ms)", f"(a) Time to first token of the timed query; {plot.CI_NOTE}"),
               ("share", "Query prompt served\nfrom cache (%)",
                "(b) Share of the timed query's prompt the engine reused: median cache_n / prompt tokens"),
               ("rewarm_time_ms", "Re-warm [A,B],\nmedian (ms)",
                f"(c) Getting [A,B] back: the warm-up request right after the query; {plot.CI_NOTE}")]
-    for g, (series, config, total) in enumerate(groups):
+    for axes, (series, config, total) in zip(columns, groups, strict=True):
         rows = sorted((r for r in ev.slots if (r.series, r.config, r.n_ctx_total) == (series, config, total)),
                       key=lambda r: r.n_parallel or 0)
-        for ax, (metric, ylabel, title) in zip(axes[:, g], panels, strict=True):
+        for ax, (metric, ylabel, title) in zip(axes, panels, strict=True):
             _slot_panel(ax, rows, conds, counts, colors, w, metric)
             ax.set_ylabel(ylabel)
             ax.set_title(title, fontsize=9)
             ax.set_xlim(-0.6, len(conds) - 0.4)
             ax.grid(axis="y", alpha=0.3)
-        axes[-1][g].set_xticks(range(len(conds)), [f"{c}\n{wrap(SLOT_CONDITIONS[c], 18)}" for c in conds],
-                               fontsize=8)
-        axes[-1][g].set_xlabel("Condition: warm-up → timed query (pinned slots, or the server's choice; "
-                               "[A',B'] = another client's prefix)")
+        for ax in axes[:-1]:
+            ax.sharex(axes[-1])
+            ax.tick_params(labelbottom=False)
+        axes[-1].set_xticks(range(len(conds)), [f"{c}\n{wrap(SLOT_CONDITIONS[c], 18)}" for c in conds], fontsize=8)
+        axes[-1].set_xlabel("Condition: warm-up → timed query (pinned slots, or the server's choice; "
+                            "[A',B'] = another client's prefix)")
         handles = [Patch(facecolor=colors[r.n_parallel], edgecolor="black",
                          label=f"N = {r.n_parallel} slot{'s' if r.n_parallel != 1 else ''}: {unknown(r.slot_ctx)} "
                                f"tok/slot" + ("" if r.fits.get("[A,B,Q]", True)
                                               else f", [A,B,Q] ({r.prompts.get('[A,B,Q]')} tok) does not fit"))
                    for r in rows if r.n_parallel in colors]
-        axes[0][g].legend(handles=handles, fontsize=8, loc="upper left", frameon=True,
-                          title=f"{wrap(series, 40)}, A/B = {config}, n_ctx = {unknown(total)}", title_fontsize=8)
-    fig.suptitle("Slot eviction: llama-server with N slots sharing one total context", fontsize=12)
-    fig.tight_layout()
+        plot.legend(fig, handles, title=f"{series}, A/B = {config}, n_ctx = {unknown(total)}", ax=axes[0])
+    plot.finish(fig, "Slot eviction: llama-server with N slots sharing one total context", title_size=12)
     return fig
 
 
