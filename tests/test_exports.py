@@ -213,3 +213,19 @@ def test_values_none_nan_and_unknown_keys(tmp_path):
     assert "note" not in header  # lists are not scalar trial keys
     assert header.index("new_metric_ms") < header.index("breakdown.ttft_ms")
     assert all("NaN" not in line for line in (tmp_path / "summary.jsonl").read_text().splitlines())
+
+
+def test_one_cell_id_in_two_runs_is_two_cells_in_the_headline():
+    """The h200 report merges one folder per model: the same cell id in two runs must stay two cells."""
+    from kvmatrix.analysis import headline
+    from tests.test_analysis import cell
+
+    docs = [cell("3a", "llamacpp_http", 512, 256, [10, 11, 12], [90, 91, 92], run="gpt2-small"),
+            cell("3a", "llamacpp_http", 512, 256, [20, 21, 22], [60, 61, 62], run="llama-1b")]
+    docs[1]["model"] = {**docs[1]["model"], "name": "llama-1b"}
+    ev = build_evidence([CellDoc.from_dict(d) for d in docs])
+    pairs = summary.headline(ev.summary)
+    assert sorted(m.run for _, m in pairs) == ["gpt2-small", "llama-1b"]
+    text = "\n".join(headline.sections(ev, []))
+    assert "Generated from the 2 cells of this report (2 ok)" in text
+    assert len(headline.findings(ev)) == 2

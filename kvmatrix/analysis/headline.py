@@ -55,18 +55,18 @@ def findings(ev) -> list[str]:
     groups: dict[tuple, list[tuple[SummaryRow, SummaryRow]]] = {}
     for hit, miss in pairs:
         groups.setdefault((miss.model, miss.phase, miss.series), []).append((hit, miss))
-    cells = {str(c.cell_id): c for c in ev.cells}
+    cells = {(str(c.run or ""), str(c.cell_id)): c for c in ev.cells}
     out = []
     for (model, phase, series), ps in groups.items():
         hits = [h for h, _ in ps]
         misses = [m for _, m in ps]
         costs = "; ".join(f"{m.config}: {_cost(m, ' ms')}" for m in misses)
-        trials = [t for _, m in ps for k in HIT_MISS for t in measured(cells[m.cell_id].trials(k))]
+        trials = [t for _, m in ps for k in HIT_MISS for t in measured(cells[m.key].trials(k))]
         fit = recompute_fit(trials)
         per_token = (f"; {fit.slope * 1000:.0f} µs per recomputed token (least squares over {fit.n} verified "
                      f"trials, R² {fit.r2:.2f})") if fit is not None and fit.r2 is not None else ""
         ok, n = _verified(hits + misses)
-        over = overhead([t for h in hits for t in measured(cells[h.cell_id].trials("cache_hit"))])
+        over = overhead([t for h in hits for t in measured(cells[h.key].trials("cache_hit"))])
         over_text = (f"; harness overhead on a hit {val_ci(over.median, over.ci, 2, sign=True)} ms"
                      if over is not None else "; no calibration control in these cells")
         title = catalog.phase_title(phase) if phase in catalog.phase_ids() else phase
@@ -86,7 +86,7 @@ def others(ev) -> list[str]:
         rs = [r for r in rows if r.experiment == exp.name and r.status == "ok"]
         if not rs:
             continue
-        n_cells = len({r.cell_id for r in rs})
+        n_cells = len({r.key for r in rs})
         ok, n = _verified(rs)
         measured_rows = [r for r in rs if r.ttft_ms is not None]
         span = _range([r.ttft_ms for r in measured_rows])
@@ -120,7 +120,7 @@ def _pair(r: SummaryRow) -> tuple[float, float] | None:
 
 
 def sections(ev, figures) -> list[str]:
-    total = len({r.cell_id for r in ev.summary})
+    total = len({r.key for r in ev.summary})
     ok = sum(1 for c in ev.cells if c.ok)
     ok_trials, n_trials = _verified([r for r in ev.summary if r.status == "ok"])
     parts = ["## Summary",

@@ -48,6 +48,12 @@ AXIS_SETTING = {"batch_sweep": "n_batch", "slot_eviction": "n_parallel"}
 class SummaryRow:
     """One cell x condition. Numbers in milliseconds unless the name says otherwise; None = not measured."""
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """The cell this row is of: (run, cell id); one cell id can be in several runs of one report (the same
+        cell on two models or hosts, each in its own folder)."""
+        return self.run, self.cell_id
+
     # identity and where it ran
     cell_id: str
     run: str
@@ -267,9 +273,9 @@ def sort_key(r: SummaryRow) -> tuple:
 
 def headline(rows: list[SummaryRow]) -> list[tuple[SummaryRow, SummaryRow]]:
     """(hit, miss) row pairs of the ok invalidation cells: the report's headline table, in table order."""
-    by_cell: dict[str, dict[str, SummaryRow]] = {}
+    by_cell: dict[tuple[str, str], dict[str, SummaryRow]] = {}
     for r in rows:
         if r.experiment == "invalidation" and r.status == "ok" and r.condition in HIT_MISS:
-            by_cell.setdefault(r.cell_id, {})[r.condition] = r
+            by_cell.setdefault(r.key, {})[r.condition] = r
     pairs = [(d["cache_hit"], d["cache_miss"]) for d in by_cell.values() if len(d) == 2]
     return sorted(pairs, key=lambda p: sort_key(p[1]))
