@@ -111,6 +111,11 @@ def _stub_run_side(monkeypatch, gpu_host) -> list:
     return plans
 
 
+def _entries(folder: Path) -> list[Path]:
+    """Cache entries of a folder, without the ``.<entry>.lock`` files beside them (``envs.entry_lock``)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
 @pytest.mark.parametrize("second", [
     ["run", "--phases", "3a", "--cuda", "on"],
     ["run", "--phases", "3a,3b", "--cuda", "auto"],
@@ -121,14 +126,14 @@ def test_build_then_run_builds_once(gpu_host, monkeypatch, second):
     monkeypatch.chdir(gpu_host.root)
     assert cli.main(["build", "--cuda", "on", "--llama-source", "llama.cpp"]) == 0
     assert gpu_host.calls == ["configure", "build"]
-    (built,) = (envs.cache_dir() / "builds").iterdir()
+    (built,) = _entries(envs.cache_dir() / "builds")
     assert envs.is_complete(built)
 
     monkeypatch.setattr(llamacpp, "_stream", _no_cmake)
     source_opt = "--llama" if second[0] == "matrix" else "--llama-source"
     out = gpu_host.root / "out"
     assert cli.main([*second, source_opt, str(gpu_host.src), "--out", str(out), "--config", "128/64"]) == 0
-    assert [p.name for p in (envs.cache_dir() / "builds").iterdir()] == [built.name]
+    assert [p.name for p in _entries(envs.cache_dir() / "builds")] == [built.name]
     (plan,) = plans
     assert plan and all(spec.engine["server"] == str(built / "bin" / "llama-server") for _c, spec, _l in plan)
     assert all(spec.runtime.n_gpu_layers == -1 for _c, spec, _l in plan)
