@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kvmatrix.runners.spec import allowed_cpus
+
 #: the scheduler variables recorded in provenance (present ones only)
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME", "SLURMD_NODENAME",
               "SLURM_JOB_PARTITION", "SLURM_JOB_GPUS", "SLURM_CPUS_ON_NODE", "SLURM_MEM_PER_NODE",
@@ -23,10 +25,7 @@ CGROUP_MEMORY = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/
 
 def cpus() -> list[int]:
     """The CPUs this process may run on (its affinity mask: Slurm's and Docker's --cpuset both set it)."""
-    try:
-        return sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return list(range(os.cpu_count() or 1))
+    return allowed_cpus()
 
 
 def cpu_count() -> int:

@@ -384,23 +384,20 @@ def emit(args) -> int:
     if (out / planfile.PLAN_FILE).exists():
         fail(f"{out} already holds a plan; use a new --out, or `kvmatrix status {out}` and resubmit its tasks")
     options = args.argv[args.argv.index("matrix") + 1:] + (["--runtime", "host"] if args.emit == "k8s" else [])
-    if args.submit:
-        from kvmatrix.matrix import slurm  # noqa: PLC0415
+    from kvmatrix.matrix import k8s, slurm  # noqa: PLC0415 - only for --emit
 
+    if args.submit:
         slurm.check_submit()
     plan = planner.plan_run(args)
-    frozen = planfile.freeze(plan, args.emit, options, executor.runner_git())
+    git = executor.runner_git()
+    frozen = planfile.freeze(plan, args.emit, options, git)
     if args.emit == "slurm":
-        from kvmatrix.matrix import slurm  # noqa: PLC0415
-
         written = slurm.emit(frozen, plan.out_dir, args.sbatch_arg, args.max_parallel, args.max_array_size)
     else:
-        from kvmatrix.matrix import k8s  # noqa: PLC0415
-
         written = k8s.emit(frozen, plan.out_dir, image=args.k8s_image, claim=args.k8s_claim, mount=args.k8s_mount,
                            gpus=args.k8s_gpus, gpu_product=args.k8s_gpu_product, namespace=args.k8s_namespace,
                            max_parallel=args.max_parallel, retries=args.retries, workdir=args.k8s_workdir)
-    if executor.runner_git().get("dirty"):
+    if git.get("dirty"):
         say("note: the checkout has uncommitted changes; tasks check the code's digest, so keep them until the run ends")
     say(f"{len(frozen.cells)} cells, one task each -> {plan.out_dir}: " + ", ".join(p.name for p in written))
     if args.submit:

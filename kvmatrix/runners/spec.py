@@ -21,12 +21,16 @@ class SpecError(ValueError):
     """Invalid settings; str(e) is a one-line message naming the fix."""
 
 
-def default_threads() -> int:
+def allowed_cpus() -> list[int]:
     """The CPUs this process may run on (its affinity mask: a Slurm task's or a container's share)."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+def default_threads() -> int:
+    return len(allowed_cpus()) or 1
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ from pathlib import Path
 
 from kvmatrix.runners.backends.base import Backend, EngineError
 from kvmatrix.runners.engine_args import SPEC_FIXES, Override, Rules, controlled
+from kvmatrix.runners.spec import allowed_cpus
 from kvmatrix.runners.workload import expected_cached
 
 SERVER_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
@@ -484,10 +485,7 @@ def engine_env(flags: VersionFlags, spec, opts: EngineOptions, run_dir: Path | N
 def cpu_bind(n_threads: int) -> str:
     """VLLM_CPU_OMP_THREADS_BIND for n threads: the first n cores this process may use (its affinity mask: a
     scheduler task's share), as a range when they are contiguous (the worker runs one OpenMP thread per core)."""
-    try:
-        allowed = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        allowed = list(range(os.cpu_count() or 1))
+    allowed = allowed_cpus()
     if n_threads > len(allowed):
         raise EngineError(f"n_threads={n_threads} but this process may use {len(allowed)} CPUs; vLLM binds one "
                           f"OpenMP thread per core: use --threads {len(allowed)} or fewer")
